@@ -1,0 +1,25 @@
+# Two entry points: `make demo` (set up, generate the demo dataset, train) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+NPROC ?= 2
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: setup
+	OMP_NUM_THREADS=1 WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) \
+		-m trainer.main --config configs/demo.yaml $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs wandb data/demo

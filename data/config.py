@@ -1,0 +1,79 @@
+"""The data component's configuration: what the loader reads and how it preprocesses."""
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from data.errors import ConfigError
+
+SEED_MEAN = [123.68, 116.78, 103.94]
+TORCHVISION_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
+TORCHVISION_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
+BACKENDS = ("dali", "torchvision", "synthetic")
+LAYOUTS = ("NCHW", "NHWC")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class DataConfig:
+    root: str = "/data/imagenet"
+    """Dataset root holding train/<wnid>/*.JPEG and val/<wnid>/*.JPEG."""
+    backend: str = "dali"
+    """Input pipeline: dali (GPU decode, or CPU where there is no GPU), torchvision (PIL), synthetic."""
+    image_size: int = 224
+    """Side of the square training and validation crops, in pixels."""
+    val_resize: int = 256
+    """Validation: the shorter side is resized to this before the center crop."""
+    crop_area: List[float] = field(default_factory=lambda: [0.08, 1.0])
+    """RandomResizedCrop area range, as a fraction of the image."""
+    crop_aspect: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    """RandomResizedCrop aspect-ratio range."""
+    mean: List[float] = field(default_factory=lambda: list(SEED_MEAN))
+    """Per-channel RGB mean subtracted from 0-255 pixels (the seed's 123.68/116.78/103.94)."""
+    std: Optional[List[float]] = None
+    """Per-channel divisor after mean subtraction; null keeps the seed's recipe (no division)."""
+    layout: str = "NCHW"
+    """Output layout: NCHW, or NHWC for channels_last models."""
+    dtype: str = "float32"
+    """Output dtype of the images: float32, float16 or bfloat16."""
+    num_threads: int = 4
+    """CPU threads per process for decoding and augmentation (DALI) or loader workers (torchvision)."""
+    prefetch: int = 2
+    """Batches prepared ahead of the one being consumed."""
+    hw_decoder_load: float = 0.65
+    """Share of JPEG decoding sent to the A100/H100 hardware decoder (GPU decode only)."""
+    file_list: Optional[str] = None
+    """Optional verified list of train files (from data.verify --file-list); others are skipped."""
+    num_classes: int = 1000
+    """Classes of the synthetic backend; the folder backends take it from the dataset."""
+    synthetic_samples: int = 1281167
+    """Images per epoch of the synthetic backend."""
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ConfigError("data.backend", f"got {self.backend!r}; allowed: {', '.join(BACKENDS)}")
+        if self.layout not in LAYOUTS:
+            raise ConfigError("data.layout", f"got {self.layout!r}; allowed: {', '.join(LAYOUTS)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError("data.dtype", f"got {self.dtype!r}; allowed: {', '.join(DTYPES)}")
+        if self.image_size <= 0:
+            raise ConfigError("data.image_size", f"must be positive, got {self.image_size}")
+        if self.val_resize < self.image_size:
+            raise ConfigError("data.val_resize", f"must be >= data.image_size ({self.image_size}), got {self.val_resize}")
+        for key, pair in (("data.crop_area", self.crop_area), ("data.crop_aspect", self.crop_aspect)):
+            if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
+                raise ConfigError(key, f"must be [low, high] with 0 < low <= high, got {list(pair)}")
+        if self.crop_area[1] > 1:
+            raise ConfigError("data.crop_area", f"the upper bound is a fraction of the image (<= 1), got {self.crop_area[1]}")
+        if len(self.mean) != 3:
+            raise ConfigError("data.mean", f"needs 3 values (R, G, B), got {len(self.mean)}")
+        if self.std is not None and (len(self.std) != 3 or min(self.std) <= 0):
+            raise ConfigError("data.std", f"needs 3 positive values (R, G, B) or null, got {list(self.std)}")
+        if self.num_threads < 1:
+            raise ConfigError("data.num_threads", f"must be >= 1, got {self.num_threads}")
+        if self.prefetch < 1:
+            raise ConfigError("data.prefetch", f"must be >= 1, got {self.prefetch}")
+        if not 0 <= self.hw_decoder_load <= 1:
+            raise ConfigError("data.hw_decoder_load", f"must be in [0, 1], got {self.hw_decoder_load}")
+        if self.num_classes < 1:
+            raise ConfigError("data.num_classes", f"must be >= 1, got {self.num_classes}")
+        if self.synthetic_samples < 1:
+            raise ConfigError("data.synthetic_samples", f"must be >= 1, got {self.synthetic_samples}")
