@@ -1,0 +1,49 @@
+"""The model component: its config and `build_model`, the one entry point the trainer uses."""
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import nn
+
+from data.errors import ConfigError
+from trainer.models.resnet import MODEL_NAMES, option_errors, resnet
+
+__all__ = ["MODEL_NAMES", "ModelConfig", "build_model"]
+
+OPTIONS = ("shortcut", "stride_in_1x1", "zero_init_residual")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet50"
+    """Architecture: resnet18/34/50/101/152 (ImageNet), resnet20/32/44/56/110 (CIFAR), or plainNN for the same
+    net without shortcuts."""
+    shortcut: Optional[str] = None
+    """Shortcut where the shape changes: A (zero-padded identity), B (1x1 projection), C (projection on every
+    block); null keeps the family default, B for ImageNet nets and A for CIFAR nets. Plain nets take null only."""
+    stride_in_1x1: bool = False
+    """Bottleneck nets: put the stride in the first 1x1 conv (v1, the paper and Keras) instead of the 3x3
+    (v1.5, torchvision and NVIDIA)."""
+    zero_init_residual: bool = False
+    """Start the last BN scale of every residual block at 0, so each block begins as relu(shortcut(x))."""
+    num_classes: Optional[int] = None
+    """Classifier outputs; null takes the number of classes from the dataset."""
+
+    def __post_init__(self):
+        errors = option_errors(self.name, self.shortcut, self.stride_in_1x1, self.zero_init_residual, self.num_classes)
+        if errors:
+            field, message = errors[0]
+            raise ConfigError(f"model.{field}", message)
+
+
+def build_model(name: str, num_classes: int = 1000, **options) -> nn.Module:
+    """The named net with `options` from OPTIONS (see ModelConfig for their meaning); ValueError for anything else."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown model option(s) {', '.join(unknown)}; allowed: {', '.join(OPTIONS)}")
+    shortcut = options.get("shortcut")
+    stride_in_1x1 = bool(options.get("stride_in_1x1", False))
+    zero_init_residual = bool(options.get("zero_init_residual", False))
+    errors = option_errors(name, shortcut, stride_in_1x1, zero_init_residual, num_classes)
+    if errors:
+        raise ValueError("; ".join(f"{field}: {message}" for field, message in errors))
+    return resnet(name, num_classes, shortcut, stride_in_1x1, zero_init_residual)
