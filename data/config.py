@@ -16,6 +16,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 class DataConfig:
     root: str = "/data/imagenet"
     """Dataset root holding train/<wnid>/*.JPEG and val/<wnid>/*.JPEG."""
+    demo: bool = False
+    """Generate the project's demo dataset at data.root if it is not there (the embedded default)."""
     backend: str = "dali"
     """Input pipeline: dali (GPU decode, or CPU where there is no GPU), torchvision (PIL), synthetic."""
     image_size: int = 224
