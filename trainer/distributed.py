@@ -1,0 +1,104 @@
+"""Process group, ranks and devices, with timeouts so that a dead or stalled rank ends the job instead of hanging it."""
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from data.errors import ConfigError
+
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+@dataclass
+class DistributedConfig:
+    backend: str = "auto"
+    """Collective backend: auto picks nccl on CUDA and gloo on CPU."""
+    init_timeout_s: float = 600.0
+    """Seconds every rank waits for the others to join the process group."""
+    timeout_s: float = 600.0
+    """Seconds a collective may wait for a peer before the job fails with an error instead of hanging."""
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ConfigError("distributed.backend", f"got {self.backend!r}; allowed: {', '.join(BACKENDS)}")
+        for key in ("init_timeout_s", "timeout_s"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"distributed.{key}", f"must be positive, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    control: object = None
+    """A gloo group for host-side agreement (the stop flag) that never waits on the GPU stream."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init(cfg: DistributedConfig) -> Dist:
+    """Joins the process group torchrun describes in RANK/LOCAL_RANK/WORLD_SIZE, or runs alone without them."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world_size == 1:
+        return Dist(rank, local_rank, world_size, device)
+
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
+    if backend == "nccl":
+        # A rank that dies mid-collective must abort the others, not leave them spinning.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.init_timeout_s),
+                            device_id=device if backend == "nccl" else None)
+    control = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.timeout_s)) if backend != "gloo" else None
+    dist.barrier(group=control) if control is not None else dist.barrier()
+    # Joining may take long (nodes boot at different times); collectives after that may not.
+    dist.set_timeout(timedelta(seconds=cfg.timeout_s))
+    return Dist(rank, local_rank, world_size, device, control)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+def any_rank(flag: bool, d: Dist) -> bool:
+    """True on every rank when `flag` is true on any; a host-side collective that does not sync the GPU."""
+    if d.world_size == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=d.control)
+    return bool(t.item())
+
+
+def gather_to_main(obj, d: Dist) -> list:
+    """Every rank's `obj`, in rank order, on every rank (small objects: RNG and loader states)."""
+    if d.world_size == 1:
+        return [obj]
+    out = [None] * d.world_size
+    dist.all_gather_object(out, obj, group=d.control)
+    return out
+
+
+def broadcast_from_main(obj, d: Dist):
+    if d.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=d.control)
+    return box[0]

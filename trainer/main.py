@@ -1,0 +1,43 @@
+"""Entry point: `python -m trainer.main [--config FILE] [key=value ...]`, alone or under torchrun."""
+import sys
+
+import torch
+
+from data.errors import ConfigError, DataError
+from trainer import distributed
+from trainer.config import load_config, parse_args, to_yaml
+from trainer.errors import UserInputError
+
+EXIT_USAGE = 2
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("train.precision", "fp16 needs a CUDA device (GradScaler); on CPU use bf16 or fp32")
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+
+    from trainer.trainer import Diverged, Trainer  # after validation: bad input fails before heavy imports
+
+    d = distributed.init(cfg.distributed)
+    try:
+        return Trainer(cfg, d).train()
+    except ConfigError as e:
+        print(f"[rank {d.rank}] config error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (DataError, UserInputError, Diverged) as e:
+        print(f"[rank {d.rank}] error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
