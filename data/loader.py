@@ -1,0 +1,42 @@
+"""build_loader: the one interface the trainer sees; it picks the backend named by cfg.backend.
+
+A Loader has `classes`, `__len__` (batches per epoch), `__iter__` (the rest of the current epoch, as
+(images, labels) on the device) and, for train, `state_dict()`/`load_state_dict()`.
+"""
+from typing import Any, Dict, List
+
+import torch
+
+from data.config import DataConfig
+from data.folder import list_split
+from data.sharding import EpochLoader
+
+
+def build_loader(cfg: DataConfig, split: str, *, batch_size: int, rank: int, world_size: int,
+                 device: torch.device, seed: int) -> EpochLoader:
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    placement = dict(batch_size=batch_size, rank=rank, world_size=world_size, device=device, seed=seed)
+    if cfg.backend == "synthetic":
+        from data.synthetic import SyntheticLoader
+        return SyntheticLoader(cfg, split, **placement)
+    images = list_split(cfg.root, split, cfg.file_list)
+    if cfg.backend == "torchvision":
+        from data.torchvision_loader import TorchvisionLoader
+        return TorchvisionLoader(cfg, split, images, **placement)
+    from data.dali import DaliLoader
+    return DaliLoader(cfg, split, images, **placement)
+
+
+def merge_states(states: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Joins the train loader states of all ranks (e.g. from all_gather_object) into one dict every rank loads.
+
+    Only the dali backend keeps per-rank state (its pipelines' checkpoints); the position is the same on all ranks.
+    """
+    merged = dict(states[0])
+    checkpoints = {}
+    for state in states:
+        checkpoints.update(state.get("dali_checkpoints", {}))
+    if checkpoints:
+        merged["dali_checkpoints"] = checkpoints
+    return merged

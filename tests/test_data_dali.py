@@ -1,0 +1,180 @@
+"""The DALI loader on the CPU, for real: preprocessing, sharding, exact evaluation and bitwise resume."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from data.config import SEED_MEAN, TORCHVISION_MEAN, TORCHVISION_STD, DataConfig
+from data.errors import DataError
+from data.loader import build_loader, merge_states
+from tests.test_data_helpers import code_colour, decode_code, make_coded, make_smooth
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def coded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coded")
+    return str(root), make_coded(str(root))
+
+
+def config(root, **overrides):
+    return DataConfig(root=root, image_size=32, val_resize=36, num_threads=2, **overrides)
+
+
+def loader(root, split="train", batch_size=4, rank=0, world_size=1, seed=0, **overrides):
+    return build_loader(config(root, **overrides), split, batch_size=batch_size, rank=rank,
+                        world_size=world_size, device=CPU, seed=seed)
+
+
+def codes(images, mean=SEED_MEAN, std=None):
+    """The code of each sample of a batch of coded images, read from the red channel of its centre pixel."""
+    red = images[:, 0, images.shape[2] // 2, images.shape[3] // 2].float()
+    red = red * (std[0] if std else 1) + mean[0]
+    return [decode_code(r) for r in red.tolist()]
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_shapes_dtypes_layouts(coded, layout, dtype):
+    root, _ = coded
+    reference = [x for x, _ in loader(root)]
+    batches = list(loader(root, layout=layout, dtype=dtype))
+    assert len(batches) == 6
+    for (images, labels), ref in zip(batches, reference):
+        assert images.shape == (4, 3, 32, 32) and images.dtype == getattr(torch, dtype)
+        assert labels.shape == (4,) and labels.dtype == torch.int64
+        if layout == "NHWC":
+            assert images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+        else:
+            assert images.is_contiguous()
+        # Same seed, same draws: only the memory layout and the precision differ.
+        if dtype == "float32":
+            assert torch.equal(images, ref)
+        else:
+            assert torch.allclose(images.float(), ref, atol=1.0)
+
+
+@pytest.mark.parametrize("mean,std", [(SEED_MEAN, None), (TORCHVISION_MEAN, TORCHVISION_STD)])
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_normalization_of_solid_colours(coded, mean, std, split):
+    root, index = coded
+    expected = {code: (np.array(code_colour(code)) - mean) / (std or 1.0) for _, code in index[split]}
+    tolerance = 2.5 / (std[0] if std else 1.0)  # JPEG rounding of a solid colour
+    for images, labels in loader(root, split, mean=mean, std=std):
+        for image, label, code in zip(images, labels, codes(images, mean, std)):
+            per_channel = torch.tensor(expected[code], dtype=torch.float32).view(3, 1, 1)
+            assert (image - per_channel).abs().max() < tolerance
+            assert label == dict((c, lab) for lab, c in index[split])[code]
+
+
+def test_val_matches_torchvision_resize_center_crop(tmp_path):
+    make_smooth(str(tmp_path))
+    cfg = config(str(tmp_path))
+    batches = list(build_loader(cfg, "val", batch_size=4, rank=0, world_size=1, device=CPU, seed=0))
+    ours = torch.cat([x for x, _ in batches])
+    reference = v2.Compose([v2.Resize(cfg.val_resize), v2.CenterCrop(cfg.image_size)])
+    paths = sorted((tmp_path / "val").glob("*/*.JPEG"))
+    theirs = torch.stack([
+        reference(v2.functional.pil_to_tensor(Image.open(p).convert("RGB"))).float()
+        - torch.tensor(SEED_MEAN).view(3, 1, 1) for p in paths
+    ])
+    assert ours.shape == theirs.shape
+    difference = (ours - theirs).abs()
+    assert difference.mean() < 0.5 and difference.max() < 8, (difference.mean(), difference.max())
+
+
+def test_train_shards_cover_each_file_once_and_reshuffle(coded):
+    root, index = coded
+    ranks = [loader(root, rank=r, world_size=2, batch_size=4) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 3
+    epochs = []
+    for _ in range(2):
+        per_rank = [[c for images, _ in shard for c in codes(images)] for shard in ranks]
+        assert sorted(per_rank[0] + per_rank[1]) == sorted(code for _, code in index["train"])
+        epochs.append(per_rank)
+    assert epochs[0][0] != epochs[1][0] and set(epochs[0][0]) != set(epochs[1][0])
+    augment_draws = [next(iter(loader(root, rank=r, world_size=2)))[0] for r in range(2)]
+    assert not torch.equal(augment_draws[0], augment_draws[1])
+
+
+def test_uneven_split_gives_equal_full_batches_per_rank(coded):
+    root, _ = coded
+    ranks = [loader(root, rank=r, world_size=2, batch_size=5) for r in range(2)]  # 24 images, 2 x 5 per step
+    seen = []
+    for shard in ranks:
+        batches = list(shard)
+        assert len(shard) == len(batches) == 2
+        assert all(images.shape[0] == 5 for images, _ in batches)
+        seen += [c for images, _ in batches for c in codes(images)]
+    assert len(seen) == len(set(seen)) == 20
+
+
+def test_val_is_exact_across_two_ranks(coded):
+    root, index = coded
+    samples = []
+    for rank in range(2):
+        val = loader(root, "val", batch_size=2, rank=rank, world_size=2)
+        batches = list(val)
+        assert len(batches) == len(val)
+        samples += [(label, code) for images, labels in batches for label, code in zip(labels.tolist(), codes(images))]
+    assert sorted(samples) == sorted(index["val"])  # 9 images over 2 ranks: each once, no padding
+
+
+def run(loader_, batches):
+    out, it = [], iter(loader_)
+    while len(out) < batches:
+        try:
+            out.append(next(it))
+        except StopIteration:
+            it = iter(loader_)
+    return out
+
+
+def roundtrip(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("stop", [2, 6, 8])  # mid-epoch 0, exactly at the epoch end, mid-epoch 1
+def test_resume_is_bitwise_identical(coded, stop):
+    root, _ = coded
+    options = dict(batch_size=4, rank=1, world_size=2, prefetch=3)  # 3 batches per epoch
+    expected = run(loader(root, **options), 12)
+    first = loader(root, **options)
+    head = run(first, stop)
+    for (x, y), (ex, ey) in zip(head, expected):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+    resumed = loader(root, **options)
+    resumed.load_state_dict(roundtrip(merge_states([first.state_dict()])))
+    for (x, y), (ex, ey) in zip(run(resumed, 12 - stop), expected[stop:]):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+
+
+def test_yielded_batches_are_not_overwritten_later(coded):
+    root, _ = coded
+    batches = run(loader(root, batch_size=4), 8)
+    kept = batches[0][0].clone()
+    run(loader(root, batch_size=4), 8)
+    assert torch.equal(batches[0][0], kept)
+
+
+def test_resume_with_another_world_size_is_refused(coded):
+    root, _ = coded
+    first = loader(root, world_size=2)
+    run(first, 1)
+    with pytest.raises(DataError, match="world size 2 but this run has 1"):
+        loader(root, world_size=1).load_state_dict(first.state_dict())
+
+
+def test_resume_needs_this_ranks_checkpoint(coded):
+    root, _ = coded
+    rank0 = loader(root, rank=0, world_size=2)
+    run(rank0, 1)
+    with pytest.raises(DataError, match="not for rank 1"):
+        loader(root, rank=1, world_size=2).load_state_dict(rank0.state_dict())
