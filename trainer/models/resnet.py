@@ -50,7 +50,8 @@ def make_shortcut(option: str, in_channels: int, out_channels: int, stride: int)
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs; `shortcut=None` makes the plain block (no addition of the input)."""
+    """Two 3x3 convs; `shortcut=None` makes the plain block (no addition of the input). It takes stride_in_1x1 only
+    to share Bottleneck's signature: with no 1x1 conv, the stride is always in the first 3x3."""
 
     expansion = 1
 
@@ -204,7 +205,7 @@ def option_errors(name: str, shortcut: Optional[str], stride_in_1x1: bool, zero_
     if name not in MODEL_NAMES:
         return [("name", f"got {name!r}; allowed: {', '.join(MODEL_NAMES)}")]
     errors = []
-    stem, block, _, plain = architecture(name)
+    _, block, _, plain = architecture(name)
     if shortcut is not None and shortcut not in SHORTCUTS:
         errors.append(("shortcut", f"got {shortcut!r}; allowed: A, B, C, or null for the family default"))
     if plain and shortcut is not None:

@@ -1,0 +1,258 @@
+"""The ResNet family: shapes, gradients, exact sizes, torchvision checkpoint compatibility and the paper's options."""
+import pytest
+import torch
+import torchvision
+from omegaconf import OmegaConf
+from torch import nn
+
+from data.errors import ConfigError
+from trainer.models import MODEL_NAMES, ModelConfig, build_model
+from trainer.models.resnet import ZeroPadShortcut
+
+IMAGENET_NETS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+CIFAR_NETS = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
+TORCHVISION_PARAMS = {
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "resnet101": 44_549_160,
+    "resnet152": 60_192_808,
+}
+# Exact counts with option A and 10 classes, and the sizes the paper's CIFAR-10 table gives (millions, as printed).
+CIFAR_PARAMS = {
+    "resnet20": (269_722, "0.27"),
+    "resnet32": (464_154, "0.46"),
+    "resnet44": (658_586, "0.66"),
+    "resnet56": (853_018, "0.85"),
+    "resnet110": (1_727_962, "1.7"),
+}
+
+
+def count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def blocks(model: nn.Module) -> list:
+    return [block for stage in model.stages() for block in stage]
+
+
+def input_for(name: str) -> torch.Tensor:
+    side = 32 if name.replace("plain", "resnet") in CIFAR_NETS else 64
+    return torch.randn(2, 3, side, side)
+
+
+def test_names_cover_the_family():
+    plain = [n.replace("resnet", "plain") for n in IMAGENET_NETS + CIFAR_NETS]
+    assert sorted(MODEL_NAMES) == sorted(IMAGENET_NETS + CIFAR_NETS + plain)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_forward_shape(name):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=7).eval()
+    with torch.no_grad():
+        out = model(input_for(name))
+    assert out.shape == (2, 7)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "plain18", "resnet20", "plain20", "resnet56", "plain56"])
+def test_backward_reaches_every_parameter(name):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=5).train()
+    loss = nn.functional.cross_entropy(model(input_for(name)), torch.tensor([1, 3]))
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+        assert p.grad.abs().sum() > 0, pname
+
+
+@pytest.mark.parametrize("name", IMAGENET_NETS)
+def test_size_and_keys_equal_torchvision(name):
+    with torch.device("meta"):
+        ours = build_model(name)
+        theirs = getattr(torchvision.models, name)(weights=None)
+    assert count(ours) == TORCHVISION_PARAMS[name]
+    assert count(theirs) == TORCHVISION_PARAMS[name]
+    ours_shapes = {k: v.shape for k, v in ours.state_dict().items()}
+    assert ours_shapes == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+def randomized_state(model: nn.Module) -> dict:
+    """Random values everywhere, BN statistics included, so a swapped or misplaced tensor changes the output."""
+    state = model.state_dict()
+    for key, value in state.items():
+        if key.endswith("running_var"):
+            value.uniform_(0.5, 1.5)
+        elif key.endswith(("running_mean", "bias")) or (value.is_floating_point() and value.dim() == 1):
+            value.normal_(0, 0.1)
+        elif value.is_floating_point():
+            value.normal_(0, 0.5 / value[0].numel() ** 0.5)
+    return state
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_checkpoints_load_both_ways_with_bitwise_equal_outputs(name):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+
+    theirs = getattr(torchvision.models, name)(weights=None)
+    ours = build_model(name)
+    ours.load_state_dict(randomized_state(theirs), strict=True)
+    with torch.no_grad():
+        expected = theirs.eval()(x)
+        assert torch.equal(ours.eval()(x), expected)
+    assert expected.std() > 0.01  # the nets compute something, not a constant that trivially matches
+
+    ours = build_model(name)
+    theirs = getattr(torchvision.models, name)(weights=None)
+    theirs.load_state_dict(randomized_state(ours), strict=True)
+    with torch.no_grad():
+        assert torch.equal(theirs.eval()(x), ours.eval()(x))
+
+
+@pytest.mark.parametrize("name", CIFAR_NETS)
+def test_cifar_sizes_match_the_paper(name):
+    exact, paper_millions = CIFAR_PARAMS[name]
+    n = count(build_model(name, num_classes=10))
+    assert n == exact
+    decimals = len(paper_millions.split(".")[1])
+    assert f"{n / 1e6:.{decimals}f}" == paper_millions
+
+
+@pytest.mark.parametrize("name, shortcut", [("resnet18", "A"), ("resnet50", "A"), ("resnet20", None), ("resnet110", None)])
+def test_option_a_adds_no_parameters_over_plain(name, shortcut):
+    with torch.device("meta"):
+        residual = build_model(name, shortcut=shortcut)
+        plain = build_model(name.replace("resnet", "plain"))
+    assert count(residual) == count(plain)
+    assert residual.state_dict().keys() == plain.state_dict().keys()
+    assert any(isinstance(block.downsample, ZeroPadShortcut) for block in blocks(residual))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnet20"])
+def test_option_c_projects_every_shortcut(name):
+    with torch.device("meta"):
+        b = build_model(name, shortcut="B")
+        c = build_model(name, shortcut="C")
+    assert count(c) > count(b)
+    assert all(isinstance(block.downsample, nn.Sequential) for block in blocks(c))
+    # B projects only where the shape changes, and there its keys are C's keys.
+    assert sum(isinstance(block.downsample, nn.Sequential) for block in blocks(b)) == (4 if "50" in name else 3 if "18" in name else 2)
+    assert set(b.state_dict()) < set(c.state_dict())
+
+
+def test_option_a_pads_zeros_and_subsamples():
+    torch.manual_seed(0)
+    block = build_model("resnet20", num_classes=10, zero_init_residual=True).layer2[0].eval()
+    x = torch.randn(2, 16, 32, 32)
+    with torch.no_grad():
+        out = block(x)
+    assert out.shape == (2, 32, 16, 16)
+    assert torch.equal(out[:, :16], torch.relu(x[:, :, ::2, ::2]))
+    assert torch.equal(out[:, 16:], torch.zeros(2, 16, 16, 16))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_zero_init_residual_starts_every_block_at_its_shortcut(name):
+    torch.manual_seed(0)
+    model = build_model(name, zero_init_residual=True).eval()
+    last_bn = "bn3" if name == "resnet50" else "bn2"
+    zeroed = {k for k, v in model.state_dict().items() if k.endswith(f"{last_bn}.weight") and not v.any()}
+    assert zeroed == {k for k in model.state_dict() if k.endswith(f"{last_bn}.weight")}
+    with torch.device("meta"):
+        theirs = getattr(torchvision.models, name)(weights=None, zero_init_residual=True)
+    assert zeroed == {k for k in theirs.state_dict() if k.endswith(f"{last_bn}.weight")}
+
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        for block in blocks(model):
+            shortcut = h if block.downsample is None else block.downsample(h)
+            out = block(h)
+            assert torch.equal(out, torch.relu(shortcut))
+            h = out
+
+
+@pytest.mark.parametrize("name", ["plain18", "plain50", "plain20"])
+def test_plain_blocks_do_not_add_their_input(name):
+    torch.manual_seed(0)
+    plain = build_model(name).eval()
+    residual = build_model(name.replace("plain", "resnet")).eval()
+    assert all(block.downsample is None for block in blocks(plain))
+    x = torch.randn(2, plain.layer1[0].conv1.in_channels, 16, 16)
+    for model in (plain, residual):
+        last_bn = model.layer1[1].last_bn()
+        nn.init.zeros_(last_bn.weight)
+        nn.init.zeros_(last_bn.bias)
+    with torch.no_grad():
+        inner = plain.layer1[0](x)
+        # With the residual branch silenced, only an added input can make the output nonzero.
+        assert torch.equal(plain.layer1[1](inner), torch.zeros_like(inner))
+        inner = residual.layer1[0](x)
+        assert torch.equal(residual.layer1[1](inner), torch.relu(inner))
+
+
+def test_stride_in_1x1_moves_the_stride():
+    v15 = build_model("resnet50")
+    v1 = build_model("resnet50", stride_in_1x1=True)
+    for stage in ("layer2", "layer3", "layer4"):
+        assert getattr(v15, stage)[0].conv1.stride == (1, 1) and getattr(v15, stage)[0].conv2.stride == (2, 2)
+        assert getattr(v1, stage)[0].conv1.stride == (2, 2) and getattr(v1, stage)[0].conv2.stride == (1, 1)
+        assert getattr(v1, stage)[0].downsample[0].stride == (2, 2)
+    assert v15.state_dict().keys() == v1.state_dict().keys()
+    with torch.no_grad():
+        assert v1.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet20"])
+def test_num_classes_1001(name):
+    model = build_model(name, num_classes=1001).eval()
+    assert model.fc.out_features == 1001
+    with torch.no_grad():
+        assert model(input_for(name)).shape == (2, 1001)
+
+
+@pytest.mark.parametrize(
+    "fields, key",
+    [
+        ({"name": "resnet51"}, "model.name"),
+        ({"shortcut": "D"}, "model.shortcut"),
+        ({"shortcut": "b"}, "model.shortcut"),
+        ({"name": "plain34", "shortcut": "A"}, "model.shortcut"),
+        ({"name": "plain34", "zero_init_residual": True}, "model.zero_init_residual"),
+        ({"name": "resnet18", "stride_in_1x1": True}, "model.stride_in_1x1"),
+        ({"num_classes": 0}, "model.num_classes"),
+    ],
+)
+def test_model_config_errors_name_the_key(fields, key):
+    with pytest.raises(ConfigError) as direct:
+        ModelConfig(**fields)
+    assert direct.value.key == key
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), fields)
+    with pytest.raises(ConfigError) as via_omegaconf:
+        OmegaConf.to_object(merged)
+    assert via_omegaconf.value.key == key
+
+
+def test_model_config_defaults_and_allowed_names():
+    cfg = OmegaConf.to_object(OmegaConf.structured(ModelConfig))
+    assert cfg == ModelConfig(name="resnet50", shortcut=None, stride_in_1x1=False, zero_init_residual=False, num_classes=None)
+    with pytest.raises(ConfigError, match="allowed: resnet18, resnet34"):
+        ModelConfig(name="resnet51")
+    ModelConfig(name="plain110", num_classes=10)
+    ModelConfig(name="resnet152", shortcut="C", stride_in_1x1=True, zero_init_residual=True)
+
+
+@pytest.mark.parametrize(
+    "name, options, match",
+    [
+        ("resnet51", {}, "name: got 'resnet51'"),
+        ("resnet50", {"shortcutt": "B"}, "unknown model option.*shortcutt"),
+        ("resnet50", {"shortcut": "D"}, "shortcut: got 'D'"),
+        ("resnet50", {"num_classes": 0}, "num_classes: must be >= 1"),
+    ],
+)
+def test_build_model_rejects_unknown_names_and_options(name, options, match):
+    with pytest.raises(ValueError, match=match):
+        build_model(name, **options)
