@@ -32,6 +32,27 @@ class Diverged(RuntimeError):
     """The loss stayed non-finite for too many consecutive steps."""
 
 
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, device: torch.device, autocast, channels_last: bool) -> dict:
+    """Exact over all ranks: each val image is seen once, and counts (not means) are summed."""
+    was_training = model.training
+    model.eval()
+    sums = Sums(device, "loss", "top1", "top5", "samples")
+    for images, labels in loader:
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits = model(images)
+        top1, top5 = correct_topk(logits, labels)
+        sums.add(loss=F.cross_entropy(logits.float(), labels, reduction="sum"), top1=top1, top5=top5,
+                 samples=len(labels))
+    model.train(was_training)
+    r = sums.reduce()
+    n = max(r["samples"], 1)
+    return {"loss": r["loss"] / n, "top1": 100 * r["top1"] / n, "top5": 100 * r["top5"] / n,
+            "samples": int(r["samples"])}
+
+
 class Trainer:
     def __init__(self, cfg: Config, d: Dist):
         self.cfg, self.dist, self.device = cfg, d, d.device
@@ -293,23 +314,8 @@ class Trainer:
             "data_wait": sums["data_wait"] / (elapsed * self.dist.world_size), "step_time_s": elapsed / steps,
             "max_mem_mb": memory_mb, "nonfinite_steps": self.nonfinite_total})
 
-    @torch.no_grad()
     def evaluate(self, model: torch.nn.Module) -> dict:
-        """Exact over all ranks: each val image is seen once, and counts (not means) are summed."""
-        model.eval()
-        sums = Sums(self.device, "loss", "top1", "top5", "samples")
-        for images, labels in self.val_loader:
-            if self.cfg.train.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with self.autocast():
-                logits = model(images)
-            top1, top5 = correct_topk(logits, labels)
-            sums.add(loss=F.cross_entropy(logits.float(), labels, reduction="sum"), top1=top1, top5=top5,
-                     samples=len(labels))
-        model.train()
-        r = sums.reduce()
-        n = r["samples"]
-        return {"loss": r["loss"] / n, "top1": 100 * r["top1"] / n, "top5": 100 * r["top5"] / n, "samples": int(n)}
+        return evaluate(model, self.val_loader, self.device, self.autocast, self.cfg.train.channels_last)
 
     def validate_and_log(self) -> None:
         metrics = self.evaluate(self.model)
