@@ -67,12 +67,11 @@ class Monitor:
     def _init_wandb(self, cfg: LoggingConfig, run_dir: Path, config: dict) -> None:
         import wandb
 
-        if self.wandb_id is None:
-            self.wandb_id = wandb.util.generate_id()
         # resume="allow" with the id from the checkpoint: a restarted or requeued job continues the same run.
         self.wandb_run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name,
                                     tags=list(cfg.tags), config=config, id=self.wandb_id, resume="allow",
                                     dir=str(run_dir))
+        self.wandb_id = self.wandb_run.id
         self.wandb_run.define_metric("trainer/step")
         self.wandb_run.define_metric("trainer/images_seen")
         for section in ("train", "val", "val_ema", "perf", "sys"):
