@@ -136,3 +136,13 @@ def test_signal_to_one_rank_stops_all_at_one_step_with_a_checkpoint(signum, code
     assert len(saved) == 1
     step = torch.load(saved[0], weights_only=True)["step"]
     assert 3 <= step < 12 and saved[0].name == f"ckpt-{step:09d}.pt"
+
+
+def test_sync_bn_on_cpu_warns_once_and_accumulation_steps_count(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_trainer(2, *TINY, "train.sync_bn=true", "train.grad_accum=2", "train.max_steps=3",
+                         f"data.root={tiny_data}", f"run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("train.sync_bn=true needs CUDA") == 1
+    assert "global batch 16, 6 steps/epoch" in result.stdout
+    assert [r["step"] for r in records(run_dir) if r["split"] == "train"] == [1, 2, 3]
