@@ -10,6 +10,7 @@ TORCHVISION_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 BACKENDS = ("dali", "torchvision", "synthetic")
 LAYOUTS = ("NCHW", "NHWC")
 DTYPES = ("float32", "float16", "bfloat16")
+TORCHVISION_DECODERS = ("pil", "tensor")
 
 
 @dataclass
@@ -44,6 +45,9 @@ class DataConfig:
     """Share of JPEG decoding sent to the A100/H100 hardware decoder (GPU decode only)."""
     file_list: Optional[str] = None
     """Optional verified list of train files (from data.verify --file-list); others are skipped."""
+    torchvision_decoder: str = "pil"
+    """JPEG decoding of the torchvision backend: pil (ImageFolder's loader, PIL transforms) or tensor
+    (torchvision.io.decode_jpeg, then the v2 transforms on uint8 tensors)."""
     num_classes: int = 1000
     """Classes of the synthetic backend; the folder backends take it from the dataset."""
     synthetic_samples: int = 1281167
@@ -75,6 +79,9 @@ class DataConfig:
             raise ConfigError("data.prefetch", f"must be >= 1, got {self.prefetch}")
         if not 0 <= self.hw_decoder_load <= 1:
             raise ConfigError("data.hw_decoder_load", f"must be in [0, 1], got {self.hw_decoder_load}")
+        if self.torchvision_decoder not in TORCHVISION_DECODERS:
+            raise ConfigError("data.torchvision_decoder",
+                              f"got {self.torchvision_decoder!r}; allowed: {', '.join(TORCHVISION_DECODERS)}")
         if self.num_classes < 1:
             raise ConfigError("data.num_classes", f"must be >= 1, got {self.num_classes}")
         if self.synthetic_samples < 1:

@@ -5,6 +5,7 @@ labels=), seeded from (seed, rank, epoch): the order is a true per-epoch shuffle
 (reader position + every RNG) is all that is needed to continue an epoch mid-way.
 """
 import base64
+from functools import partial
 from typing import Any, Dict, Iterator
 
 import torch
@@ -61,6 +62,16 @@ def image_pipeline(files, labels, cfg: DataConfig, train: bool, gpu: bool):
     return images, labels.gpu() if gpu else labels
 
 
+def _to_torch(cfg: DataConfig, outputs):
+    batch = outputs[0]  # one pipeline
+    images = batch["images"]
+    if cfg.layout == "NHWC":
+        images = images.permute(0, 3, 1, 2)  # logical NCHW over channels_last memory
+    if cfg.dtype == "bfloat16":
+        images = images.to(torch.bfloat16)
+    return images, batch["labels"].view(-1).to(torch.int64)
+
+
 class DaliLoader(EpochLoader):
     backend = "dali"
 
@@ -89,20 +100,12 @@ class DaliLoader(EpochLoader):
         policy = LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL
         return DALIGenericIterator([pipe], ["images", "labels"], reader_name=READER, last_batch_policy=policy)
 
-    def _to_torch(self, batch: Dict[str, torch.Tensor]):
-        images = batch["images"]
-        if self.cfg.layout == "NHWC":
-            images = images.permute(0, 3, 1, 2)  # logical NCHW over channels_last memory
-        if self.cfg.dtype == "bfloat16":
-            images = images.to(torch.bfloat16)
-        return images, batch["labels"].view(-1).to(torch.int64)
 
     def _train_epoch(self, epoch: int, start: int) -> Iterator:
         indices = train_shard(self.num_samples, self.batch_size, self.rank, self.world_size, self.seed, epoch)
         checkpoint, self._restore = self._restore, None
         self._iterator = self._build(indices, derive_seed(self.seed, self.rank, epoch), True, checkpoint)
-        for _ in range(start, len(self)):
-            yield self._to_torch(next(self._iterator)[0])
+        return map(partial(_to_torch, self.cfg), self._iterator)
 
     def _close_source(self):
         super()._close_source()
@@ -112,8 +115,7 @@ class DaliLoader(EpochLoader):
         indices = val_shard(self.num_samples, self.rank, self.world_size)
         if not indices:
             return
-        for batch in self._build(indices, derive_seed(self.seed, self.rank), False):
-            yield self._to_torch(batch[0])
+        yield from map(partial(_to_torch, self.cfg), self._build(indices, derive_seed(self.seed, self.rank), False))
 
     def _extra_state(self) -> Dict[str, Any]:
         # The checkpoint is this rank's (reader position and RNG states differ per rank); loader.merge_states

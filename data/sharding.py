@@ -37,8 +37,11 @@ def val_shard(num_samples: int, rank: int, world_size: int) -> range:
 class EpochLoader:
     """The Loader contract (len, iter, state) on top of a backend's `_train_epoch` and `_val_epoch` generators.
 
-    Subclasses set `backend` and implement `_train_epoch(epoch, start)` (batches `start`.. of that epoch) and
-    `_val_epoch()`; a backend with more state than the position adds it in `_extra_state`/`_load_extra_state`.
+    Subclasses set `backend` and implement `_train_epoch(epoch, start)` (an iterator over batches `start`.. of
+    that epoch) and `_val_epoch()`; a backend with more state than the position adds it in
+    `_extra_state`/`_load_extra_state`. The train iterator is kept between iter() calls, so it must not refer
+    back to the loader: in a reference cycle an abandoned DataLoader iterator is only freed by the garbage
+    collector, whose finalization order made shutting its workers down take seconds per worker.
     """
 
     backend = ""

@@ -1,10 +1,16 @@
 """Random batches already on the device, for measuring the model without any input pipeline cost."""
+from functools import partial
 from typing import Iterator
 
 import torch
 
 from data.config import DataConfig
 from data.sharding import EpochLoader, derive_seed, val_shard
+
+
+def _labels(num_classes: int, device: torch.device, *key: int, count: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(derive_seed(*key))
+    return torch.randint(num_classes, (count,), generator=generator).to(device)
 
 
 class SyntheticLoader(EpochLoader):
@@ -26,19 +32,17 @@ class SyntheticLoader(EpochLoader):
         memory_format = torch.channels_last if cfg.layout == "NHWC" else torch.contiguous_format
         self._images = images.to(device=device, dtype=getattr(torch, cfg.dtype), memory_format=memory_format)
 
-    def _labels(self, count: int, *key: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.rank, *key))
-        return torch.randint(len(self.classes), (count,), generator=generator).to(self.device)
+        self._labels = partial(_labels, cfg.num_classes, device, seed, rank)
 
     def _train_epoch(self, epoch: int, start: int) -> Iterator:
-        for step in range(start, len(self)):
-            yield self._images, self._labels(self.batch_size, epoch, step)
+        images, labels = self._images, self._labels
+        return ((images, labels(epoch, step, count=len(images))) for step in range(start, len(self)))
 
     def _val_epoch(self) -> Iterator:
         left = len(val_shard(self.num_samples, self.rank, self.world_size))
         step = 0
         while left > 0:
             count = min(left, self.batch_size)
-            yield self._images[:count], self._labels(count, -1, step)
+            yield self._images[:count], self._labels(-1, step, count=count)
             left -= count
             step += 1

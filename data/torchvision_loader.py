@@ -1,0 +1,121 @@
+"""The torchvision backend: ImageFolder-style samples, DistributedSampler order, a torch DataLoader.
+
+Every train sample's augmentation is drawn from its own seed (seed, epoch, rank, position), not from the worker
+processes' RNG streams, so the batches do not depend on the worker count and a resumed loader repeats them.
+"""
+import multiprocessing
+from functools import partial
+from typing import Iterator, List
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchvision.transforms import v2
+
+from data.config import DataConfig
+from data.folder import ImageList
+from data.sharding import EpochLoader, derive_seed, val_shard
+
+# Workers start from a forkserver (see the DataLoader below); preloading this module there makes each worker a
+# cheap fork of a process that has already imported torch and torchvision, instead of a fresh interpreter.
+multiprocessing.set_forkserver_preload(["data.torchvision_loader"])
+
+
+def _transforms(cfg: DataConfig, train: bool) -> v2.Compose:
+    if train:
+        geometry = [v2.RandomResizedCrop(cfg.image_size, scale=tuple(cfg.crop_area), ratio=tuple(cfg.crop_aspect)),
+                    v2.RandomHorizontalFlip()]
+    else:
+        geometry = [v2.Resize(cfg.val_resize), v2.CenterCrop(cfg.image_size)]
+    to_tensor = [v2.PILToTensor()] if cfg.torchvision_decoder == "pil" else []
+    return v2.Compose(geometry + to_tensor + [
+        v2.ToDtype(torch.float32), v2.Normalize(mean=cfg.mean, std=cfg.std or [1.0, 1.0, 1.0]),
+    ])
+
+
+class _Images(Dataset):
+    """Items are a file index (val) or (file index, augmentation seed) (train)."""
+
+    def __init__(self, paths: List[str], labels: List[int], transform, decoder: str):
+        self.paths, self.labels, self.transform, self.decoder = paths, labels, transform, decoder
+
+    def __len__(self):
+        return len(self.paths)
+
+    def _load(self, index: int):
+        if self.decoder == "pil":
+            with open(self.paths[index], "rb") as f:
+                return Image.open(f).convert("RGB")
+        return decode_jpeg(read_file(self.paths[index]), mode=ImageReadMode.RGB)
+
+    def __getitem__(self, item):
+        if isinstance(item, tuple):
+            index, seed = item
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self.transform(self._load(index)), self.labels[index]
+        return self.transform(self._load(item)), self.labels[item]
+
+
+class _ResumableSampler(Sampler):
+    """This rank's DistributedSampler order for one epoch from batch `start` on, each index with its seed."""
+
+    def __init__(self, sampler: DistributedSampler, batch_size: int, seed: int, rank: int):
+        self.sampler, self.batch_size, self.seed, self.rank = sampler, batch_size, seed, rank
+        self.epoch, self.start = 0, 0
+
+    def __iter__(self):
+        self.sampler.set_epoch(self.epoch)
+        order = list(self.sampler)
+        for position in range(self.start * self.batch_size, len(order)):
+            yield order[position], derive_seed(self.seed, self.epoch, self.rank, position)
+
+    def __len__(self):
+        return len(self.sampler) - self.start * self.batch_size
+
+
+def _to_device(device, dtype, memory_format, batch):
+    images, labels = batch
+    images = images.to(device, non_blocking=True).to(dtype=dtype, memory_format=memory_format)
+    return images, labels.to(device, non_blocking=True)
+
+
+class TorchvisionLoader(EpochLoader):
+    backend = "torchvision"
+
+    def __init__(self, cfg: DataConfig, split: str, images: ImageList, *, batch_size: int, rank: int,
+                 world_size: int, device: torch.device, seed: int):
+        super().__init__(images.classes, split, len(images), batch_size=batch_size, rank=rank,
+                         world_size=world_size, seed=seed)
+        self.cfg = cfg
+        self.device = device
+        paths, labels = images.paths(), images.labels
+        train = split == "train"
+        if train:
+            # drop_last in both: floor(floor(N / W) / B) == floor(N / (W * B)) full batches on every rank.
+            self._sampler = _ResumableSampler(
+                DistributedSampler(range(len(paths)), num_replicas=world_size, rank=rank, shuffle=True,
+                                   seed=seed, drop_last=True), batch_size, seed, rank)
+            sampler = self._sampler
+        else:
+            sampler = list(val_shard(len(paths), rank, world_size))
+        workers = cfg.num_threads
+        self._loader = DataLoader(
+            _Images(paths, labels, _transforms(cfg, train), cfg.torchvision_decoder), batch_size=batch_size,
+            sampler=sampler, drop_last=train, num_workers=workers, pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0, prefetch_factor=cfg.prefetch if workers else None,
+            # fork() copies whatever locks other threads (DALI's, CUDA's) hold at that moment and can hang the
+            # worker (it did in the tests); forkserver forks from a clean single-threaded process instead.
+            multiprocessing_context="forkserver" if workers else None,
+        )
+
+        self._to_device = partial(_to_device, device, getattr(torch, cfg.dtype),
+                                  torch.channels_last if cfg.layout == "NHWC" else torch.contiguous_format)
+
+    def _train_epoch(self, epoch: int, start: int) -> Iterator:
+        self._sampler.epoch, self._sampler.start = epoch, start
+        return map(self._to_device, self._loader)
+
+    def _val_epoch(self) -> Iterator:
+        return map(self._to_device, self._loader)
