@@ -33,6 +33,9 @@ head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -1)
 # NodeAddr is how Slurm itself reaches the node; it equals the node name unless the cluster says otherwise.
 head_addr=$(scontrol show node "$head_node" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
+# torchrun's agent otherwise keeps one store for every restart, and restarted workers read the dead workers'
+# gloo/NCCL addresses from it and hang; a store per rendezvous round (on a free port of the first node) avoids that.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
 container_args=()
 if [[ -n ${CONTAINER_IMAGE:-} ]]; then

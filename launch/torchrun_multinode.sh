@@ -18,6 +18,9 @@ nnodes=${NNODES:-1}
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l || true)
 nproc=${NPROC_PER_NODE:-$((gpus > 0 ? gpus : 1))}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
+# torchrun's agent otherwise keeps one store for every restart, and restarted workers read the dead workers'
+# gloo/NCCL addresses from it and hang; a store per rendezvous round (on a free port of the first node) avoids that.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
 if [[ -n ${RDZV_ENDPOINT:-} ]]; then
     rendezvous=(--rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="${RDZV_ID:-imagenet}")
