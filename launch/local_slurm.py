@@ -194,8 +194,23 @@ class LocalSlurm:
                     parts.append(f"[{path.name}] {path.read_text(errors='replace')[-chars:]}")
         return "\n".join(parts)
 
+    def cancel_jobs(self, timeout_s=30):
+        """Cancel every job of this cluster and wait for its processes: slurmstepd outlives a stopped slurmd."""
+        def jobs():
+            out = subprocess.run(["squeue", "-h", "-o", "%A"], env=self.env(), capture_output=True, text=True)
+            return out.stdout.split()
+        pending = jobs()
+        if pending:
+            subprocess.run(["scancel", *pending], env=self.env(), capture_output=True)
+            self._wait(lambda: not jobs(), timeout_s, "cancelled jobs did not end")
+
     def stop(self):
-        """Stop the daemons this object started (slurmds first, munged last) by pid."""
+        """Cancel the jobs, then stop the daemons this object started (slurmds first, munged last) by pid."""
+        if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
+            try:
+                self.cancel_jobs()
+            except SlurmUnavailable as e:
+                print(f"warning: {e}", file=sys.stderr)
         for name in sorted(self.procs, key=lambda n: ("slurmd" not in n, n == "munged")):
             proc = self.procs[name]
             if proc.poll() is None:

@@ -50,7 +50,7 @@ echo "attempt $((${SLURM_RESTART_COUNT:-0} + 1)) of job $SLURM_JOB_ID: $SLURM_NN
 # handler, so USR1 would kill it and take the workers down before they save; ignoring it here (the ignore is
 # inherited through exec) keeps the agent alive while the workers, which install their own handler, save.
 srun --label --kill-on-bad-exit=1 "${container_args[@]}" \
-    bash -c 'trap "" USR1; exec "$@"' torchrun-node \
+    bash -c 'trap "" USR1; echo "node $SLURMD_NODENAME: starting torchrun"; exec "$@"' torchrun-node \
     torchrun --nnodes="$SLURM_NNODES" --nproc-per-node="$nproc" \
     --rdzv-backend=c10d --rdzv-endpoint="$head_addr:${MASTER_PORT:-29500}" --rdzv-id="$SLURM_JOB_ID" \
     --max-restarts="${MAX_RESTARTS:-0}" \
