@@ -1,0 +1,151 @@
+"""Input pipeline throughput: images/s of each backend's train and val loaders on the same JPEGs and CPU threads.
+
+    python -m data.bench --make-images DIR --count 2000     # ImageNet-like JPEGs (about 500x375, quality 90)
+    python -m data.bench --root DIR [--json OUT] [--batches N] [--set prefetch=3 ...]
+
+Each backend runs in its own subprocess (clean memory, its own worker processes), measured after one warm-up
+batch. The ceiling is the single-core full-decode rate (the faster of PIL and torchvision.io.decode_jpeg)
+times the thread count. Figures only: nothing here asserts a speed.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+CLASSES = 10
+VARIANTS = {  # name -> DataConfig overrides
+    "dali": {"backend": "dali"},
+    "torchvision-pil": {"backend": "torchvision", "torchvision_decoder": "pil"},
+    "torchvision-tensor": {"backend": "torchvision", "torchvision_decoder": "tensor"},
+}
+
+
+def make_images(root: str, count: int, seed: int = 0):
+    """`count` train and count // 5 val JPEGs in 10 classes: smooth colour fields plus noise, 500x375 or 375x500."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", count), ("val", max(count // 5, CLASSES))):
+        for i in range(n):
+            folder = os.path.join(root, split, f"n{i % CLASSES:08d}")
+            os.makedirs(folder, exist_ok=True)
+            size = (500, 375) if rng.random() < 0.75 else (375, 500)
+            coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+            pixels = np.asarray(coarse, dtype=np.int16) + rng.normal(0, 12, (size[1], size[0], 3)).astype(np.int16)
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(
+                os.path.join(folder, f"img{i:06d}.JPEG"), quality=90)
+
+
+def _peak_rss_mib() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return (own + workers) / 1024
+
+
+def _measure(args) -> dict:
+    """Runs in the subprocess: one variant, train then val."""
+    import torch
+
+    from data.config import DataConfig
+    from data.loader import build_loader
+
+    overrides = dict(VARIANTS[args.variant], **dict(kv.split("=", 1) for kv in args.set))
+    for key in ("prefetch", "num_threads", "image_size", "val_resize"):
+        if key in overrides:
+            overrides[key] = int(overrides[key])
+    cfg = DataConfig(root=args.root, **{"num_threads": args.threads, **overrides})
+    result = {}
+    for split in ("train", "val"):
+        loader = build_loader(cfg, split, batch_size=args.batch_size, rank=0, world_size=1,
+                              device=torch.device("cpu"), seed=0)
+        batches = iter(loader)
+        next(batches)  # start-up (pipeline build, worker start) is not throughput
+        start, images = time.perf_counter(), 0
+        for _ in range(min(args.batches, len(loader) - 1)):
+            images += next(batches)[0].shape[0]
+        result[split] = {"img_per_s": images / (time.perf_counter() - start), "images": images}
+    result["peak_rss_mib"] = _peak_rss_mib()
+    return result
+
+
+def decode_ceiling(root: str, threads: int, sample: int = 200) -> dict:
+    """Single-core full JPEG decode rate of PIL and of torchvision.io.decode_jpeg, times `threads`."""
+    import torch
+    from PIL import Image
+    from torchvision.io import decode_jpeg
+
+    torch.set_num_threads(1)
+    from data.folder import list_split
+
+    paths = list_split(root, "train").paths()[:sample]
+    blobs = []
+    for path in paths:
+        with open(path, "rb") as f:
+            blobs.append(f.read())
+    rates = {}
+    start = time.perf_counter()
+    for path in paths:
+        Image.open(path).convert("RGB").load()
+    rates["pil"] = len(paths) / (time.perf_counter() - start)
+    tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+    start = time.perf_counter()
+    for t in tensors:
+        decode_jpeg(t)
+    rates["decode_jpeg"] = len(paths) / (time.perf_counter() - start)
+    best = max(rates.values())
+    return {"single_core": rates, "threads": threads, "img_per_s": best * threads}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", help="dataset root with train/ and val/")
+    parser.add_argument("--make-images", metavar="DIR", help="write ImageNet-like JPEGs to DIR and exit")
+    parser.add_argument("--count", type=int, default=2000, help="train images to make (val gets a fifth)")
+    parser.add_argument("--batches", type=int, default=20, help="batches measured per split")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="DALI threads / DataLoader workers")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="DataConfig overrides")
+    parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # the subprocess' own variant
+    args = parser.parse_args(argv)
+
+    if args.make_images:
+        make_images(args.make_images, args.count)
+        print(f"wrote {args.count} train and {max(args.count // 5, CLASSES)} val JPEGs under {args.make_images}")
+        return
+    if not args.root:
+        parser.error("--root (or --make-images) is required")
+    if args.variant:
+        print(json.dumps(_measure(args)))
+        return
+
+    results = {}
+    for variant in args.variants:
+        command = [sys.executable, "-m", "data.bench", "--root", args.root, "--variant", variant,
+                   "--batches", str(args.batches), "--batch-size", str(args.batch_size),
+                   "--threads", str(args.threads), "--set", *args.set]
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results[variant] = json.loads(out.strip().splitlines()[-1])
+    ceiling = decode_ceiling(args.root, args.threads)
+
+    print(f"{'backend':<20}{'train img/s':>12}{'val img/s':>12}{'train/ceiling':>15}{'peak RSS MiB':>14}")
+    for variant, r in results.items():
+        share = r["train"]["img_per_s"] / ceiling["img_per_s"]
+        print(f"{variant:<20}{r['train']['img_per_s']:>12.1f}{r['val']['img_per_s']:>12.1f}{share:>14.0%}"
+              f"{r['peak_rss_mib']:>14.0f}")
+    single = ", ".join(f"{k} {v:.1f}" for k, v in ceiling["single_core"].items())
+    print(f"{'decode ceiling':<20}{ceiling['img_per_s']:>12.1f}   (single core: {single} img/s; x {args.threads})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"backends": results, "ceiling": ceiling, "batch_size": args.batch_size,
+                       "threads": args.threads, "overrides": args.set}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
