@@ -1,6 +1,7 @@
 """Real 2-process DDP runs (torchrun, gloo, DALI CPU): exact resume after SIGKILL, exact evaluation, signals."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -146,3 +147,11 @@ def test_sync_bn_on_cpu_warns_once_and_accumulation_steps_count(tiny_data, tmp_p
     assert result.stderr.count("train.sync_bn=true needs CUDA") == 1
     assert "global batch 16, 6 steps/epoch" in result.stdout
     assert [r["step"] for r in records(run_dir) if r["split"] == "train"] == [1, 2, 3]
+
+
+def test_resuming_with_another_world_size_is_an_error(uninterrupted, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], run_dir)
+    result = run_trainer(1, *TINY, "train.epochs=3", f"data.root={tiny_data}", f"run.dir={run_dir}")
+    assert result.returncode == 1
+    assert "world size=2, this run has world size=1" in result.stderr
