@@ -22,22 +22,21 @@ NODES = ("n1", "n2")
 CPUS_PER_NODE = 2
 # A requeued job may start again only after the step credential expires (default 120 s); tests need seconds.
 CRED_EXPIRE_S = 5
-DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch")
+PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol")
 APT_PACKAGES = "slurm-wlm munge"
 
 
 class SlurmUnavailable(RuntimeError):
-    """Slurm or munge is not installed, or this user cannot run the daemons; tests skip with this reason."""
+    """The cluster could not be set up or did not come up; the message carries the daemons' logs."""
 
 
 def missing_reason():
     """Why a local cluster cannot run here, or None when it can."""
-    absent = [d for d in DAEMONS if shutil.which(d) is None and not Path("/usr/sbin", d).exists()]
+    absent = [d for d in PROGRAMS if shutil.which(d) is None and not Path("/usr/sbin", d).exists()]
     if absent:
         return f"not installed: {', '.join(absent)} (apt-get install -y {APT_PACKAGES})"
     if os.geteuid() != 0:
-        # slurmd must start job steps as the submitting user and SlurmUser=root keeps the setup to one account.
-        return "the local Slurm cluster needs root (slurmd launches job steps as the submitting user)"
+        return "the local Slurm cluster needs root (slurmd starts job steps as the submitting user)"
     return None
 
 
@@ -110,6 +109,7 @@ class LocalSlurm:
             key.write_bytes(os.urandom(1024))
             os.chmod(key, 0o400)
         self._spawn("munged", [
+            # --force: a socket left by a killed earlier run in the same directory must not block this one.
             _daemon_path("munged"), "--foreground", "--force",
             f"--socket={self.munge_socket}", f"--key-file={key}",
             f"--pid-file={munge_dir / 'munged.pid'}", f"--log-file={munge_dir / 'munged.log'}",
