@@ -42,11 +42,8 @@ def uninterrupted(slurm, tmp_path_factory, tiny_demo):
 
 @pytest.mark.slow
 def test_demo_reaches_its_accuracy_across_two_nodes(slurm, tmp_path):
-    """The expensive one: the whole demo schedule (a few minutes of both cores)."""
-    from data.make_demo_dataset import ensure_demo_dataset
-    # Made here rather than by rank 0 of the job: the trainer's generation under its signal handlers can hang
-    # (reported to the trainer's owner); this test is about the launcher.
-    demo = ensure_demo_dataset(tmp_path / "demo")
+    """The expensive one: the whole demo schedule (a few minutes of both cores), its dataset made by rank 0."""
+    demo = tmp_path / "demo"
     job_id, run_dir, log = submit(slurm, tmp_path, [f"data.root={demo}", "logging.wandb=false"])
     job = wait_until_final(slurm, job_id, 1200)
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), read(log)

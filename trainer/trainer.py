@@ -57,7 +57,8 @@ class Trainer:
     def __init__(self, cfg: Config, d: Dist):
         self.cfg, self.dist, self.device = cfg, d, d.device
         self.run_dir = Path(cfg.run.dir)
-        self.stop = StopFlag().install()
+        # Installed when training starts: worker pools forked during setup must keep the default SIGTERM.
+        self.stop = StopFlag()
         self.started = time.perf_counter()
         seed_everything(cfg.seed)
         if cfg.train.threads:
@@ -327,6 +328,7 @@ class Trainer:
 
     def train(self) -> int:
         """Runs to the end of the schedule (or max_steps); returns the process exit code."""
+        self.stop.install()
         if self.dist.is_main:
             (self.run_dir / "classes.json").write_text(json.dumps(self.classes))
         trained_from, train_time = self.step, 0.0
