@@ -108,7 +108,6 @@ class Trainer:
                            f"global batch {self.global_batch}, {self.steps_per_epoch} steps/epoch, "
                            f"{'resuming at step ' + str(self.step) if self.step else 'starting'})")
 
-    # --- setup -------------------------------------------------------------------------------------------------
 
     def _agree(self, fn):
         """Runs `fn` on every rank; if it fails on any rank, every rank raises, so none waits at a collective."""
@@ -151,7 +150,6 @@ class Trainer:
                       "training with per-process BN", file=sys.stderr)
         return model
 
-    # --- state -------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         """The checkpoint: the union of every stateful piece. Collective: every rank must call it."""
@@ -216,7 +214,6 @@ class Trainer:
                 raise Diverged(f"refusing to write a checkpoint with non-finite weights at step {self.step}")
             self.checkpointer.save(state, self.step)
 
-    # --- the loop ----------------------------------------------------------------------------------------------
 
     def autocast(self):
         dtype = AUTOCAST[self.cfg.train.precision]
