@@ -108,7 +108,6 @@ class Trainer:
                            f"global batch {self.global_batch}, {self.steps_per_epoch} steps/epoch, "
                            f"{'resuming at step ' + str(self.step) if self.step else 'starting'})")
 
-
     def _agree(self, fn):
         """Runs `fn` on every rank; if it fails on any rank, every rank raises, so none waits at a collective."""
         try:
@@ -149,7 +148,6 @@ class Trainer:
                 print("warning: train.sync_bn=true needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); "
                       "training with per-process BN", file=sys.stderr)
         return model
-
 
     def state_dict(self) -> dict:
         """The checkpoint: the union of every stateful piece. Collective: every rank must call it."""
@@ -213,7 +211,6 @@ class Trainer:
             if not all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point()):
                 raise Diverged(f"refusing to write a checkpoint with non-finite weights at step {self.step}")
             self.checkpointer.save(state, self.step)
-
 
     def autocast(self):
         dtype = AUTOCAST[self.cfg.train.precision]
