@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # The Python distributions behind each import, for the message when one is missing (no network on GPU machines).
 REQUIRED = {"torch": "torch", "torchvision": "torchvision", "nvidia.dali": "nvidia-dali-cuda130",
-            "omegaconf": "omegaconf (+ antlr4-python3-runtime)", "tqdm": "tqdm", "numpy": "numpy", "PIL": "pillow",
+            "omegaconf": "omegaconf", "tqdm": "tqdm", "numpy": "numpy", "PIL": "pillow",
             "yaml": "pyyaml"}
 # One H200, ResNet-50 at batch 256 in bf16 + channels_last with the DALI loader (issue 6).
 TARGET_TRAIN_IMG_PER_S = 4000.0

@@ -174,10 +174,11 @@ def part_env(ctx: Context) -> dict:
            "dali_threads": ctx.sizes.threads}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
+        nccl = torch.cuda.nccl.version()  # a tuple in current releases, an int in old ones
         env.update(gpu=props.name, gpu_count=torch.cuda.device_count(), capability=f"{props.major}.{props.minor}",
                    gpu_memory_gib=round(props.total_memory / 2**30, 1), multiprocessors=props.multi_processor_count,
                    driver=_driver_version(), cudnn=torch.backends.cudnn.version(),
-                   nccl=".".join(map(str, torch.cuda.nccl.version())))
+                   nccl=".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl))
     if ctx.mode == "gpu" and not torch.cuda.is_available():
         raise CheckFailed("no CUDA device is visible to torch; on a machine without a GPU run --cpu-smoke", **env)
     return env
