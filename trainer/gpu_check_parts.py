@@ -88,7 +88,7 @@ class Sizes:
 
 GPU = Sizes(model="resnet50", batch=256, image_size=224, unique_images=1024, copies=11, loader_warmup=3,
             loader_batches=30, hw_decoder_loads=(0.0, 0.65, 0.9), train_warmup=10, train_steps=30,
-            short_image_size=64, short_batch=32, short_steps=30, short_lr=0.8,
+            short_image_size=64, short_batch=32, short_steps=30, short_lr=0.2,
             demo=DemoParams(seed=1, classes=4, train_per_class=64, val_per_class=8),
             resume_batch=64, resume_steps=8, threads=min(os.cpu_count() or 1, 16))
 CPU_SMOKE = Sizes(model="resnet20", batch=8, image_size=32, unique_images=40, copies=2, loader_warmup=1,
