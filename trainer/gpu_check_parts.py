@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -193,7 +194,11 @@ def _link_tree(source: Path, target: Path, prefix: str, copies: int) -> int:
         (target / class_dir.name).mkdir(parents=True, exist_ok=True)
         for image in sorted(class_dir.iterdir()):
             for copy in range(copies):
-                os.link(image, target / class_dir.name / f"{prefix}c{copy}_{image.name}")
+                link = target / class_dir.name / f"{prefix}c{copy}_{image.name}"
+                try:
+                    os.link(image, link)
+                except OSError:  # a file system without hard links: the copies cost disk space, nothing else
+                    shutil.copyfile(image, link)
                 count += 1
     return count
 
@@ -475,8 +480,8 @@ def part_resume(ctx: Context) -> dict:
     _, resumed_at = _run_trainer(ctx, "resume_split", *common, f"train.max_steps={n}")
     name = f"checkpoints/ckpt-{n:09d}.pt"
     a, b = (torch.load(d / name, weights_only=True) for d in (straight, split))
-    compared = {k: (a[k], b[k]) for k in ("model", "optimizer", "scheduler", "step", "epoch")}
-    differences = _differences(*zip(*compared.values()))
+    keys = ("model", "optimizer", "scheduler", "step", "epoch")
+    differences = _differences({k: a[k] for k in keys}, {k: b[k] for k in keys})
     loss_a, loss_b = ([r["loss"] for r in _train_records(d)] for d in (straight, split))
     figures = {"model": s.model, "steps": n, "resumed_at": resumed_at, "batch": s.resume_batch,
                "device": str(ctx.device), "decoder": "mixed" if ctx.device.type == "cuda" else "cpu",
