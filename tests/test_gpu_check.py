@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
+from trainer import gpu_check
 
 CPU_PARTS = {"env", "images", "loader", "train_synthetic", "train_dali", "bf16", "resume"}
 CUDA_PARTS = {"fp16", "syncbn", "train_synthetic_compiled", "train_dali_compiled"}
@@ -67,3 +68,13 @@ def test_gpu_mode_without_a_gpu_fails_with_a_clear_reason(tmp_path):
     assert report["mode"] == "gpu" and report["ok"] is False
     assert "no CUDA device" in report["parts"]["env"]["reason"] and "--cpu-smoke" in report["parts"]["env"]["reason"]
     assert report["parts"]["loader"] == {"status": "fail", "reason": "the environment check failed"}
+
+
+def test_missing_packages_fail_every_part_and_name_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(gpu_check.REQUIRED, "nvidia_missing.dali", "nvidia-missing-wheel")
+    assert gpu_check.main(["--cpu-smoke", "--parts", "env,images", "--work", str(tmp_path / "work"),
+                           str(tmp_path / "out")]) == 1
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert report["missing_packages"] == ["nvidia_missing.dali (nvidia-missing-wheel)"]
+    assert {p["status"] for p in report["parts"].values()} == {"fail"}
+    assert "nvidia-missing-wheel" in report["parts"]["images"]["reason"]

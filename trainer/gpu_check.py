@@ -60,8 +60,15 @@ PARTS = (
 )
 
 
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package (the `nvidia` of nvidia.dali) is missing
+        return False
+
+
 def missing_modules() -> list:
-    return [f"{module} ({dist})" for module, dist in REQUIRED.items() if importlib.util.find_spec(module) is None]
+    return [f"{module} ({dist})" for module, dist in REQUIRED.items() if not _importable(module)]
 
 
 def run_part(part: Part, mode: str, work: Path, log, box_s: float) -> dict:
