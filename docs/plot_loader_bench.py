@@ -9,7 +9,7 @@ import json
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def plot(report: dict, out: str, title: str) -> None:

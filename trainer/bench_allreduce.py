@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -67,6 +66,12 @@ def _timed(*fns, reps: int) -> list:
     return times.median(dim=0).values.tolist()
 
 
+def _all_reduce_together(tensors: list) -> None:
+    """All-reduces issued back to back and then awaited, as DDP launches its buckets."""
+    for work in [dist.all_reduce(t, async_op=True) for t in tensors]:
+        work.wait()
+
+
 def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, out: str) -> None:
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
@@ -112,15 +117,11 @@ def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, out
         # bf16: the same buckets as a bf16 compression hook would send them.
         buckets = [torch.ones(n, dtype=dtype) for n in bucket_numels]
 
-        def bucketed():
-            for work in [dist.all_reduce(b, async_op=True) for b in buckets]:
-                work.wait()
-
-        seconds = _timed(lambda: dist.all_reduce(flat), bucketed, reps=args.reps)
+        seconds = _timed(lambda t=flat: dist.all_reduce(t), lambda ts=buckets: _all_reduce_together(ts),
+                         reps=args.reps)
         for layout, count, t in zip(("flat", "ddp buckets"), (1, len(buckets)), seconds):
             result["allreduce"].append({"dtype": name, "layout": layout, "tensors": count,
                                         "bytes": flat.numel() * flat.element_size(), "seconds": t})
-        del flat, buckets
     if rank == 0:
         Path(out).write_text(json.dumps(result))
     dist.destroy_process_group()
@@ -189,7 +190,8 @@ def main(argv=None) -> int:
     model = parser.add_argument_group("the NCCL prediction's assumptions")
     model.add_argument("--gpus-per-node", type=int, default=8)
     model.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 4, 8])
-    model.add_argument("--nvlink-gbps", type=float, default=450.0, help="NVLink GB/s per direction per GPU (H100/H200 SXM)")
+    model.add_argument("--nvlink-gbps", type=float, default=450.0,
+                       help="NVLink GB/s per direction per GPU (H100/H200 SXM)")
     model.add_argument("--nics", type=int, default=8, help="InfiniBand NICs per node")
     model.add_argument("--nic-gbit", type=float, default=400.0, help="Gb/s per NIC (NDR)")
     model.add_argument("--efficiency", type=float, default=0.8, help="share of the link rate NCCL reaches at 25 MB")
@@ -215,7 +217,8 @@ def main(argv=None) -> int:
         print(f"\nfwd+bwd, batch {args.batch} at {args.image_size} px: alone {m['step_alone_s'] * 1e3:.0f} ms, "
               f"under DDP {m['step_ddp_s'] * 1e3:.0f} ms -> {m['exposed_comm_s'] * 1e3:.0f} ms of communication "
               f"exposed, {m['overlap_fraction']:.0%} of the bucketed all-reduce hidden behind backward")
-        ready = ", ".join(f"{b / 1e6:.1f} MB at {t:.0f} ms" for b, t in zip(m["ddp_bucket_bytes"], m["bucket_ready_ms"]))
+        ready = ", ".join(f"{b / 1e6:.1f} MB at {t:.0f} ms"
+                          for b, t in zip(m["ddp_bucket_bytes"], m["bucket_ready_ms"]))
         print(f"DDP's buckets, in all-reduce order, ready after backward began: {ready}; "
               f"{m['overlap_window']:.0%} of the bytes can start before backward ends")
     # DDP's buckets as measured; without a measurement, as DDP would first fill them (reverse parameter order).

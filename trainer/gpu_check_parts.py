@@ -6,6 +6,7 @@ Everything goes through the project's own code: build_loader with DataConfig ove
 ResNet-50 preset, data.bench's JPEG generator, the demo dataset generator.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -159,7 +160,7 @@ def _sync(device: torch.device) -> None:
 def _driver_version() -> str:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+                             check=False, capture_output=True, text=True, timeout=20)
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
     except (OSError, subprocess.TimeoutExpired):
         return "unknown (no nvidia-smi)"
@@ -285,7 +286,7 @@ def _throughput(ctx: Context, backend: str, compiled: bool) -> dict:
                               f"logging.every_steps={s.train_warmup}", f"train.compile={compiled}")
     # One record per `train_warmup` steps; the first window (warm-up, compile) is left out, as in trainer.bench.
     train = _train_records(run_dir)
-    windows = [(r["step"] - prev["step"], r) for prev, r in zip(train, train[1:])]
+    windows = [(r["step"] - prev["step"], r) for prev, r in itertools.pairwise(train)]
     if not windows:
         raise CheckFailed("the run logged no window after the warm-up")
     measured = sum(n for n, _ in windows)
@@ -338,7 +339,7 @@ def _short_run(ctx: Context, precision: str) -> dict:
     figures = {"model": s.model, "precision": precision, "steps": len(losses), "batch": s.short_batch,
                "loss_first3": first, "loss_last3": last, "losses": [round(x, 4) for x in losses]}
     if precision == "fp16":
-        checkpoint = torch.load(sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))[-1], weights_only=True)
+        checkpoint = torch.load(max((run_dir / "checkpoints").glob("ckpt-*.pt")), weights_only=True)
         figures["grad_scale"] = float(checkpoint["scaler"]["scale"])
     if not all(math.isfinite(x) for x in losses):
         raise CheckFailed("non-finite loss", **figures)
