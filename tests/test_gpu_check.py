@@ -31,6 +31,9 @@ def test_smoke_exits_zero_and_reports_every_part(smoke):
     assert all(report["parts"][name] == {"status": "skipped", "reason": "no CUDA"} for name in CUDA_PARTS)
     assert "7 passed, 0 failed, 4 skipped" in result.stdout
     assert "===== resume" in (out / "gpu_check.log").read_text()
+    table = (out / "gpu_check.md").read_text()
+    assert "7 passed, 0 failed, 4 skipped" in table
+    assert all(f"| {name} | " in table for name in CPU_PARTS | CUDA_PARTS)
 
 
 def test_cpu_parts_carry_their_figures(smoke):

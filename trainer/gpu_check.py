@@ -5,7 +5,8 @@ images/s (the preset: batch 256, bf16, channels_last) on synthetic data and on t
 torch.compile; fp16 + GradScaler and bf16 runs whose loss must come down; SyncBatchNorm across two ranks and an
 NCCL DDP step; a checkpoint resume that must match an uninterrupted run bit for bit. Each part runs in its own
 process within a time box, on JPEGs generated at the start. Writes OUT_DIR/gpu_check.json (every part's status and
-figures, the targets) and OUT_DIR/gpu_check.log; exits 1 if any part failed. Targets are reported, not enforced.
+figures, the targets), gpu_check.md (the same as a table) and gpu_check.log; exits 1 if any part failed.
+Targets are reported, not enforced.
 
 `--cpu-smoke` runs the same code at tiny sizes on the CPU (DALI CPU, ResNet-20); parts that need CUDA are
 skipped. This module only imports the standard library, so that a missing package is reported, not a traceback.
@@ -150,6 +151,26 @@ def headline(result: dict) -> str:
     return ""
 
 
+def markdown(report: dict) -> str:
+    """The report as the table docs/performance.md keeps, ready to paste."""
+    env = report["env"]
+    machine = (f"{env.get('gpu', 'no GPU')}, driver {env.get('driver', '-')}, {env.get('cpus')} CPUs; torch "
+               f"{env.get('torch')}, DALI {env.get('dali')}")
+    counts = report["counts"]
+    summary = (f"`launch/gpu_check.sh` ({report['mode']}), {report['started']}, {machine}: {counts['pass']} passed, "
+               f"{counts['fail']} failed, {counts['skipped']} skipped in {report['elapsed_s']:.0f} s")
+    lines = [summary, "", "| part | status | s | result |", "|---|---|---:|---|"]
+    for name, result in report["parts"].items():
+        lines.append(f"| {name} | {result['status']} | {result.get('seconds', 0):.1f} | {headline(result)} |")
+    t = report["targets"]
+    for key in ("train_img_per_s_with_dali", "loader_alone_img_per_s"):
+        measured = t[key]["measured"]
+        status = "met" if t[key]["met"] else "not met" if t["applies"] else "n/a off a GPU"
+        lines.append(f"| target {key} | {status} | | "
+                     f"{'-' if measured is None else round(measured)} vs {t[key]['target']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="launch/gpu_check.sh", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -196,6 +217,7 @@ def main(argv=None) -> int:
               "ok": counts["fail"] == 0, "counts": counts, "env": parts.get("env", {}), "parts": parts,
               "targets": targets(parts, mode), "missing_packages": missing}
     (args.out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
+    (args.out_dir / "gpu_check.md").write_text(markdown(report))
     t = report["targets"]
     if t["applies"]:
         for key in ("train_img_per_s_with_dali", "loader_alone_img_per_s"):
