@@ -115,7 +115,8 @@ def test_evaluation_with_two_ranks_equals_one(uninterrupted):
 def test_signal_to_one_rank_stops_all_at_one_step_with_a_checkpoint(signum, code, tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     # No periodic checkpoints: the only mid-epoch checkpoint can come from the signal.
-    command = trainer_command(2, *TINY, "checkpoint.every_steps=0", f"data.root={tiny_data}", f"run.dir={run_dir}")
+    command = trainer_command(2, *TINY, "checkpoint.every_steps=0", "train.stop_check_every=2",
+                              f"data.root={tiny_data}", f"run.dir={run_dir}")
     proc = subprocess.Popen(command, cwd=ROOT, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
@@ -136,7 +137,8 @@ def test_signal_to_one_rank_stops_all_at_one_step_with_a_checkpoint(signum, code
     saved = sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))
     assert len(saved) == 1
     step = torch.load(saved[0], weights_only=True)["step"]
-    assert 3 <= step < 12 and saved[0].name == f"ckpt-{step:09d}.pt"
+    # The ranks agree every 2nd step; the signal came after step 3.
+    assert 4 <= step < 12 and step % 2 == 0 and saved[0].name == f"ckpt-{step:09d}.pt"
 
 
 def test_sync_bn_on_cpu_warns_once_and_accumulation_steps_count(tiny_data, tmp_path):

@@ -51,11 +51,15 @@ class TrainConfig:
     """Evaluate on the val split every this many epochs, and always at the end."""
     max_nonfinite_steps: int = 20
     """Stop after this many consecutive steps with a non-finite loss or gradient (each one is skipped)."""
+    stop_check_every: int = 10
+    """Steps between the ranks' agreement on a stop signal (a host-side all-reduce that waits for the slowest
+    rank); Slurm's 120 s warning leaves room for many steps, and checking every step would stall fast GPUs."""
     threads: int = 0
     """Intra-op CPU threads per process; 0 keeps PyTorch's default (torchrun sets OMP_NUM_THREADS=1)."""
 
     def __post_init__(self):
-        for key in ("batch_size", "epochs", "grad_accum", "eval_every_epochs", "max_nonfinite_steps"):
+        for key in ("batch_size", "epochs", "grad_accum", "eval_every_epochs", "max_nonfinite_steps",
+                    "stop_check_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
         for key in ("max_steps", "threads"):

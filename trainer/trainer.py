@@ -285,7 +285,7 @@ class Trainer:
                 self._log_train(window, window_start, window_steps)
                 window.reset()
                 window_start, window_steps = time.perf_counter(), 0
-            if distributed.any_rank(self.stop.raised, self.dist):
+            if self.step % cfg.stop_check_every == 0 and distributed.any_rank(self.stop.raised, self.dist):
                 self.save()
                 self.monitor.print(f"stopping on a signal at step {self.step}; checkpoint saved")
                 return "stopped"
