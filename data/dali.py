@@ -118,8 +118,8 @@ class DaliLoader(EpochLoader):
         yield from map(partial(_to_torch, self.cfg), self._build(indices, derive_seed(self.seed, self.rank), False))
 
     def _extra_state(self) -> Dict[str, Any]:
-        # The checkpoint is this rank's (reader position and RNG states differ per rank); loader.merge_states
-        # joins the ranks' states so that one saved dict restores every rank.
+        # The checkpoint is this rank's (reader position and RNG states differ per rank): the trainer saves one
+        # state per rank; loader.merge_states joins them for callers that keep a single dict.
         # base64 keeps the protobuf bytes a plain str for torch.load(weights_only=True).
         checkpoint = base64.b64encode(self._iterator.checkpoints()[0]).decode("ascii")
         return {"dali_checkpoints": {str(self.rank): checkpoint}}
@@ -129,6 +129,6 @@ class DaliLoader(EpochLoader):
         if str(self.rank) not in checkpoints:
             raise DataError(
                 f"the loader state holds DALI checkpoints for ranks {sorted(checkpoints, key=int)} but not for "
-                f"rank {self.rank}: save every rank's loader state (data.loader.merge_states) to resume exactly"
+                f"rank {self.rank}: restore each rank from its own saved state (or from data.loader.merge_states of all)"
             )
         self._restore = base64.b64decode(checkpoints[str(self.rank)])
