@@ -15,7 +15,8 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from data.config import DataConfig
 from data.errors import DataError
 from data.folder import ImageList
-from data.sharding import EpochLoader, derive_seed, train_shard, val_shard
+from data.base import Loader
+from data.sharding import derive_seed, train_shard, val_shard
 
 READER = "reader"
 # DALI has no bfloat16: such batches leave DALI as float32 and are cast by torch.
@@ -72,7 +73,7 @@ def _to_torch(cfg: DataConfig, outputs):
     return images, batch["labels"].view(-1).to(torch.int64)
 
 
-class DaliLoader(EpochLoader):
+class DaliLoader(Loader):
     backend = "dali"
 
     def __init__(self, cfg: DataConfig, split: str, images: ImageList, *, batch_size: int, rank: int,

@@ -1,4 +1,7 @@
-"""Errors a user can act on: each names the key or file at fault."""
+"""Errors a user can act on, raised by both data/ and trainer/: each names the key or file at fault.
+
+They live in the lower layer because data/ never imports trainer/; trainer/errors.py holds the trainer's own.
+"""
 
 
 class ConfigError(ValueError):

@@ -9,11 +9,11 @@ import torch
 
 from data.config import DataConfig
 from data.folder import list_split
-from data.sharding import EpochLoader
+from data.base import Loader
 
 
 def build_loader(cfg: DataConfig, split: str, *, batch_size: int, rank: int, world_size: int,
-                 device: torch.device, seed: int) -> EpochLoader:
+                 device: torch.device, seed: int) -> Loader:
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     placement = dict(batch_size=batch_size, rank=rank, world_size=world_size, device=device, seed=seed)

@@ -1,17 +1,11 @@
-"""Which samples each rank reads in each epoch, and the epoch bookkeeping every backend shares.
+"""Which samples each rank reads in each epoch.
 
 Train: one global permutation per epoch, drawn from (seed, epoch), identical on all ranks; rank r takes the
 r-th contiguous block of len(loader) * batch_size samples and the remainder is dropped, so every rank yields the
 same number of full batches. Val: rank r takes a fixed contiguous slice [r*N/W, (r+1)*N/W), so across ranks
 every image is read exactly once.
 """
-from typing import Any, Dict, Iterator, List, Optional
-
 import numpy as np
-
-from data.errors import DataError
-
-STATE_VERSION = 1
 
 
 def derive_seed(*parts: int) -> int:
@@ -32,109 +26,3 @@ def train_shard(num_samples: int, batch_size: int, rank: int, world_size: int, s
 
 def val_shard(num_samples: int, rank: int, world_size: int) -> range:
     return range(rank * num_samples // world_size, (rank + 1) * num_samples // world_size)
-
-
-class EpochLoader:
-    """The Loader contract (len, iter, state) on top of a backend's `_train_epoch` and `_val_epoch` generators.
-
-    Subclasses set `backend` and implement `_train_epoch(epoch, start)` (an iterator over batches `start`.. of
-    that epoch) and `_val_epoch()`; a backend with more state than the position adds it in
-    `_extra_state`/`_load_extra_state`. The train iterator is kept between iter() calls, so it must not refer
-    back to the loader: in a reference cycle an abandoned DataLoader iterator is only freed by the garbage
-    collector, whose finalization order made shutting its workers down take seconds per worker.
-    """
-
-    backend = ""
-
-    def __init__(self, classes: List[str], split: str, num_samples: int, *, batch_size: int, rank: int,
-                 world_size: int, seed: int):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        self.classes = classes
-        self.split = split
-        self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        if split == "train" and len(self) == 0:
-            raise DataError(
-                f"train split has {num_samples} images, fewer than one batch per rank "
-                f"({world_size} ranks x batch size {batch_size})"
-            )
-        self._epoch = 0
-        self._done = 0
-        self._source: Optional[Iterator] = None
-
-    def __len__(self) -> int:
-        if self.split == "train":
-            return train_batches(self.num_samples, self.batch_size, self.world_size)
-        return -(-len(val_shard(self.num_samples, self.rank, self.world_size)) // self.batch_size)
-
-    def __iter__(self):
-        if self.split != "train":
-            yield from self._val_epoch()
-            return
-        if self._done == len(self):
-            self._next_epoch()
-        if self._source is None:
-            self._source = self._train_epoch(self._epoch, self._done)
-        while self._done < len(self):
-            batch = next(self._source)
-            # Counted before the yield: a state_dict() taken while the trainer holds this batch resumes after it.
-            self._done += 1
-            yield batch
-        self._next_epoch()
-
-    def _next_epoch(self):
-        self._epoch += 1
-        self._done = 0
-        self._close_source()
-
-    def _close_source(self):
-        self._source = None
-
-    def _train_epoch(self, epoch: int, start: int) -> Iterator:
-        raise NotImplementedError
-
-    def _val_epoch(self) -> Iterator:
-        raise NotImplementedError
-
-    def _extra_state(self) -> Dict[str, Any]:
-        return {}
-
-    def _load_extra_state(self, state: Dict[str, Any]):
-        pass
-
-    def state_dict(self) -> Dict[str, Any]:
-        epoch, done = (self._epoch + 1, 0) if self._done == len(self) else (self._epoch, self._done)
-        state = {"version": STATE_VERSION, "backend": self.backend, "world_size": self.world_size,
-                 "num_samples": self.num_samples, "batch_size": self.batch_size, "seed": self.seed,
-                 "epoch": epoch, "batches_done": done}
-        if done:
-            state.update(self._extra_state())
-        return state
-
-    def load_state_dict(self, state: Dict[str, Any]):
-        if self.split != "train":
-            raise ValueError("only the train loader has a state to restore")
-        if state.get("version") != STATE_VERSION:
-            raise DataError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
-        if state["world_size"] != self.world_size:
-            raise DataError(
-                f"the loader state was saved with world size {state['world_size']} but this run has "
-                f"{self.world_size}: the per-rank shards and positions do not carry over; resume with "
-                f"{state['world_size']} processes or start the data order afresh (drop the loader state)"
-            )
-        for key, now in (("backend", self.backend), ("num_samples", self.num_samples),
-                         ("batch_size", self.batch_size), ("seed", self.seed)):
-            if state[key] != now:
-                raise DataError(f"the loader state was saved with {key}={state[key]!r}, this run has {now!r}: "
-                                f"the data order would not continue where it stopped")
-        self._close_source()
-        self._epoch = state["epoch"]
-        self._done = state["batches_done"]
-        if self._done:
-            self._load_extra_state(state)

@@ -5,7 +5,8 @@ from typing import Iterator
 import torch
 
 from data.config import DataConfig
-from data.sharding import EpochLoader, derive_seed, val_shard
+from data.base import Loader
+from data.sharding import derive_seed, val_shard
 
 
 def _labels(num_classes: int, device: torch.device, *key: int, count: int) -> torch.Tensor:
@@ -13,7 +14,7 @@ def _labels(num_classes: int, device: torch.device, *key: int, count: int) -> to
     return torch.randint(num_classes, (count,), generator=generator).to(device)
 
 
-class SyntheticLoader(EpochLoader):
+class SyntheticLoader(Loader):
     """One random image batch made once and yielded every step, with labels drawn per batch.
 
     Labels come from a generator seeded by (seed, epoch, rank, batch), so a resumed loader yields the same ones.

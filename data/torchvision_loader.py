@@ -15,7 +15,8 @@ from torchvision.transforms import v2
 
 from data.config import DataConfig
 from data.folder import ImageList
-from data.sharding import EpochLoader, derive_seed, val_shard
+from data.base import Loader
+from data.sharding import derive_seed, val_shard
 
 # Workers start from a forkserver (see the DataLoader below); preloading this module there makes each worker a
 # cheap fork of a process that has already imported torch and torchvision, instead of a fresh interpreter.
@@ -81,7 +82,7 @@ def _to_device(device, dtype, memory_format, batch):
     return images, labels.to(device, non_blocking=True)
 
 
-class TorchvisionLoader(EpochLoader):
+class TorchvisionLoader(Loader):
     backend = "torchvision"
 
     def __init__(self, cfg: DataConfig, split: str, images: ImageList, *, batch_size: int, rank: int,

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Small enough to train in seconds on 2 cores; same generator as the real demo.
 TINY = ["model.name=resnet20", "data.image_size=32", "data.val_resize=36", "data.num_threads=1",
         "data.crop_area=[0.25,1.0]", "train.batch_size=4", "train.precision=fp32", "train.epochs=2",
-        "train.sync_bn=false", "schedule.warmup_epochs=0.5", "logging.every_steps=1", "logging.wandb=false",
+        "train.sync_bn=false", "schedule.warmup_epochs=0.5", "monitor.every_steps=1", "monitor.wandb=false",
         "checkpoint.every_steps=5"]
 
 

@@ -20,7 +20,7 @@ STEPS_PER_EPOCH = 10
 def short_run(data_root, epochs=2):
     """Overrides of configs/demo.yaml for a run of epochs * 10 steps with a checkpoint every 4."""
     return [f"data.root={data_root}", "data.demo=false", "train.batch_size=8", f"train.epochs={epochs}",
-            "logging.wandb=false", "logging.every_steps=1", "checkpoint.every_steps=4"]
+            "monitor.wandb=false", "monitor.every_steps=1", "checkpoint.every_steps=4"]
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from trainer.config import load_config, to_yaml
-from trainer.errors import ConfigError
+from data.errors import ConfigError
 from trainer.main import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -44,7 +44,7 @@ def uninterrupted(slurm, tmp_path_factory, tiny_demo):
 def test_demo_reaches_its_accuracy_across_two_nodes(slurm, tmp_path):
     """The expensive one: the whole demo schedule (a few minutes of both cores), its dataset made by rank 0."""
     demo = tmp_path / "demo"
-    job_id, run_dir, log = submit(slurm, tmp_path, [f"data.root={demo}", "logging.wandb=false"])
+    job_id, run_dir, log = submit(slurm, tmp_path, [f"data.root={demo}", "monitor.wandb=false"])
     job = wait_until_final(slurm, job_id, 1200)
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), read(log)
     assert_ran_on_both_nodes(read(log), run_dir)

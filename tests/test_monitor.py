@@ -9,7 +9,7 @@ SECRET = "local-0123456789abcdef0123456789abcdef01234567"
 def test_wandb_offline_resumes_same_run_and_never_writes_the_key(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     env = trainer_env(WANDB_API_KEY=SECRET)
-    args = [*TINY, "train.batch_size=8", "logging.wandb=true", f"data.root={tiny_data}", f"run.dir={run_dir}"]
+    args = [*TINY, "train.batch_size=8", "monitor.wandb=true", f"data.root={tiny_data}", f"run.dir={run_dir}"]
     first = run_trainer(1, *args, "train.max_steps=6", env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     run_id = torch.load(run_dir / "checkpoints" / "ckpt-000000006.pt", weights_only=True)["wandb_id"]

@@ -12,7 +12,7 @@ from data.errors import ConfigError
 from trainer.checkpoint import CheckpointConfig
 from trainer.distributed import DistributedConfig
 from trainer.models import ModelConfig
-from trainer.monitor import LoggingConfig
+from trainer.monitor import MonitorConfig
 from trainer.optim import OptimConfig, ScheduleConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -82,7 +82,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self):

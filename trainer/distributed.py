@@ -87,7 +87,7 @@ def any_rank(flag: bool, d: Dist) -> bool:
     return bool(t.item())
 
 
-def gather_to_main(obj, d: Dist) -> list:
+def all_gather(obj, d: Dist) -> list:
     """Every rank's `obj`, in rank order, on every rank (small objects: RNG and loader states)."""
     if d.world_size == 1:
         return [obj]

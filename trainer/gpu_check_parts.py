@@ -129,8 +129,8 @@ def _config(ctx: Context, *overrides: str):
     s = ctx.sizes
     return load_config(PRESET, [
         f"model.name={s.model}", f"data.image_size={s.image_size}", f"data.val_resize={s.image_size * 8 // 7}",
-        f"data.num_threads={s.threads}", f"train.batch_size={s.batch}", "logging.wandb=false",
-        "logging.progress=false", "checkpoint.every_steps=0", "checkpoint.keep=1", *overrides])
+        f"data.num_threads={s.threads}", f"train.batch_size={s.batch}", "monitor.wandb=false",
+        "monitor.progress=false", "checkpoint.every_steps=0", "checkpoint.keep=1", *overrides])
 
 
 def _run_trainer(ctx: Context, name: str, *overrides: str) -> tuple:
@@ -283,7 +283,7 @@ def _throughput(ctx: Context, backend: str, compiled: bool) -> dict:
             else [f"data.root={ctx.images}"])
     name = f"train_{backend}{'_compiled' if compiled else ''}"
     run_dir, _ = _run_trainer(ctx, name, *data, "model.num_classes=1000", f"train.max_steps={steps}",
-                              f"logging.every_steps={s.train_warmup}", f"train.compile={compiled}")
+                              f"monitor.every_steps={s.train_warmup}", f"train.compile={compiled}")
     # One record per `train_warmup` steps; the first window (warm-up, compile) is left out, as in trainer.bench.
     train = _train_records(run_dir)
     windows = [(r["step"] - prev["step"], r) for prev, r in itertools.pairwise(train)]
@@ -332,7 +332,7 @@ def _short_run(ctx: Context, precision: str) -> dict:
         f"data.val_resize={size * 8 // 7}", "data.crop_area=[0.25,1.0]",
         f"data.dtype={'float16' if precision == 'fp16' else 'bfloat16'}", f"train.batch_size={s.short_batch}",
         f"train.precision={precision}", f"train.max_steps={s.short_steps}", "train.label_smoothing=0",
-        "schedule.name=constant", "schedule.warmup_epochs=0", f"optim.lr={s.short_lr}", "logging.every_steps=1",
+        "schedule.name=constant", "schedule.warmup_epochs=0", f"optim.lr={s.short_lr}", "monitor.every_steps=1",
         "model.num_classes=1000")
     losses = [r["loss"] for r in _train_records(run_dir)]
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
@@ -475,7 +475,7 @@ def part_resume(ctx: Context) -> dict:
     s = ctx.sizes
     n = s.resume_steps
     common = (f"data.root={ctx.images}", f"train.batch_size={s.resume_batch}", "train.cudnn_benchmark=false",
-              "logging.every_steps=1")
+              "monitor.every_steps=1")
     straight, _ = _run_trainer(ctx, "resume_straight", *common, f"train.max_steps={n}")
     split, _ = _run_trainer(ctx, "resume_split", *common, f"train.max_steps={n // 2}")
     _, resumed_at = _run_trainer(ctx, "resume_split", *common, f"train.max_steps={n}")

@@ -6,7 +6,7 @@ import torch
 from data.errors import ConfigError, DataError
 from trainer import distributed
 from trainer.config import load_config, parse_args, to_yaml
-from trainer.errors import UserInputError
+from trainer.errors import Diverged, UserInputError
 
 EXIT_USAGE = 2
 
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
         print(to_yaml(cfg), end="")
         return 0
 
-    from trainer.trainer import Diverged, Trainer  # after validation: bad input fails before heavy imports
+    from trainer.trainer import Trainer  # after validation: bad input fails before heavy imports
 
     d = distributed.init(cfg.distributed)
     try:

@@ -15,7 +15,7 @@ PANEL = {"img_per_s": "perf", "data_wait": "perf", "step_time_s": "perf", "max_m
 
 
 @dataclass
-class LoggingConfig:
+class MonitorConfig:
     wandb: bool = True
     """Log to Weights & Biases (offline too: WANDB_MODE=offline); false turns it off."""
     project: str = "imagenet-resnet"
@@ -33,7 +33,7 @@ class LoggingConfig:
 
     def __post_init__(self):
         if self.every_steps < 1:
-            raise ConfigError("logging.every_steps", f"must be >= 1, got {self.every_steps}")
+            raise ConfigError("monitor.every_steps", f"must be >= 1, got {self.every_steps}")
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -49,7 +49,7 @@ def truncate_metrics(path: Path, step: int) -> None:
 class Monitor:
     """Active on rank 0 only; every method is a no-op elsewhere so the loop needs no rank checks."""
 
-    def __init__(self, cfg: LoggingConfig, run_dir: Path, enabled: bool, *, total_steps: int, start_step: int,
+    def __init__(self, cfg: MonitorConfig, run_dir: Path, enabled: bool, *, total_steps: int, start_step: int,
                  config: dict, wandb_id: Optional[str]):
         self.enabled = enabled
         self.wandb_run = None
@@ -64,7 +64,7 @@ class Monitor:
         if cfg.wandb:
             self._init_wandb(cfg, run_dir, config)
 
-    def _init_wandb(self, cfg: LoggingConfig, run_dir: Path, config: dict) -> None:
+    def _init_wandb(self, cfg: MonitorConfig, run_dir: Path, config: dict) -> None:
         import wandb
 
         # resume="allow" with the id from the checkpoint: a restarted or requeued job continues the same run.

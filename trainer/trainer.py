@@ -16,20 +16,16 @@ from trainer import distributed
 from trainer.checkpoint import Checkpointer
 from trainer.config import Config, to_dict, to_yaml
 from trainer.distributed import Dist
-from trainer.errors import UserInputError
+from trainer.errors import Diverged, UserInputError
 from trainer.metrics import Sums, correct_topk
 from trainer.models import build_model
 from trainer.monitor import Monitor
 from trainer.optim import build_ema, build_optimizer, build_scheduler, scaled_lr
 from trainer.preemption import StopFlag
-from trainer.state import rng_state, seed_everything, set_rng_state
+from trainer.rng import rng_state, seed_everything, set_rng_state
 
 CHECKPOINT_VERSION = 1
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class Diverged(RuntimeError):
-    """The loss stayed non-finite for too many consecutive steps."""
 
 
 @torch.no_grad()
@@ -102,7 +98,7 @@ class Trainer:
             self.forward_model = DistributedDataParallel(
                 self.forward_model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 gradient_as_bucket_view=True)
-        self.monitor = Monitor(cfg.logging, self.run_dir, d.is_main, total_steps=self.last_step,
+        self.monitor = Monitor(cfg.monitor, self.run_dir, d.is_main, total_steps=self.last_step,
                                start_step=self.step, config=to_dict(cfg), wandb_id=wandb_id)
         self.monitor.print(f"run dir: {self.run_dir.resolve()}  ({d.world_size} process(es) on {self.device.type}, "
                            f"global batch {self.global_batch}, {self.steps_per_epoch} steps/epoch, "
@@ -114,7 +110,7 @@ class Trainer:
             result, error = fn(), None
         except (DataError, UserInputError, ConfigError) as e:
             result, error = None, e
-        failures = [(r, m) for r, m in enumerate(distributed.gather_to_main(error and str(error), self.dist)) if m]
+        failures = [(r, m) for r, m in enumerate(distributed.all_gather(error and str(error), self.dist)) if m]
         if error is not None:
             raise error
         if failures:
@@ -151,8 +147,8 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """The checkpoint: the union of every stateful piece. Collective: every rank must call it."""
-        loaders = distributed.gather_to_main(self.train_loader.state_dict(), self.dist)
-        rngs = distributed.gather_to_main(rng_state(), self.dist)
+        loaders = distributed.all_gather(self.train_loader.state_dict(), self.dist)
+        rngs = distributed.all_gather(rng_state(), self.dist)
         return {
             "version": CHECKPOINT_VERSION, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -281,7 +277,7 @@ class Trainer:
             window.add(loss=loss_sum, correct=correct, samples=samples, data_wait=data_wait)
             self.monitor.advance()
             end_of_run = self.step >= self.last_step
-            if self.step % self.cfg.logging.every_steps == 0 or end_of_run:
+            if self.step % self.cfg.monitor.every_steps == 0 or end_of_run:
                 self._log_train(window, window_start, window_steps)
                 window.reset()
                 window_start, window_steps = time.perf_counter(), 0
