@@ -8,8 +8,6 @@ SEED_MEAN = [123.68, 116.78, 103.94]
 TORCHVISION_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 TORCHVISION_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 BACKENDS = ("dali", "torchvision", "synthetic")
-LAYOUTS = ("NCHW", "NHWC")
-DTYPES = ("float32", "float16", "bfloat16")
 TORCHVISION_DECODERS = ("pil", "tensor")
 
 
@@ -33,10 +31,6 @@ class DataConfig:
     """Per-channel RGB mean subtracted from 0-255 pixels (the seed's 123.68/116.78/103.94)."""
     std: Optional[List[float]] = None
     """Per-channel divisor after mean subtraction; null keeps the seed's recipe (no division)."""
-    layout: str = "NCHW"
-    """Output layout: NCHW, or NHWC for channels_last models."""
-    dtype: str = "float32"
-    """Output dtype of the images: float32, float16 or bfloat16."""
     num_threads: int = 4
     """CPU threads per process for decoding and augmentation (DALI) or loader workers (torchvision)."""
     prefetch: int = 2
@@ -56,19 +50,17 @@ class DataConfig:
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ConfigError("data.backend", f"got {self.backend!r}; allowed: {', '.join(BACKENDS)}")
-        if self.layout not in LAYOUTS:
-            raise ConfigError("data.layout", f"got {self.layout!r}; allowed: {', '.join(LAYOUTS)}")
-        if self.dtype not in DTYPES:
-            raise ConfigError("data.dtype", f"got {self.dtype!r}; allowed: {', '.join(DTYPES)}")
         if self.image_size <= 0:
             raise ConfigError("data.image_size", f"must be positive, got {self.image_size}")
         if self.val_resize < self.image_size:
-            raise ConfigError("data.val_resize", f"must be >= data.image_size ({self.image_size}), got {self.val_resize}")
+            raise ConfigError("data.val_resize",
+                              f"must be >= data.image_size ({self.image_size}), got {self.val_resize}")
         for key, pair in (("data.crop_area", self.crop_area), ("data.crop_aspect", self.crop_aspect)):
             if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
                 raise ConfigError(key, f"must be [low, high] with 0 < low <= high, got {list(pair)}")
         if self.crop_area[1] > 1:
-            raise ConfigError("data.crop_area", f"the upper bound is a fraction of the image (<= 1), got {self.crop_area[1]}")
+            raise ConfigError("data.crop_area",
+                              f"the upper bound is a fraction of the image (<= 1), got {self.crop_area[1]}")
         if len(self.mean) != 3:
             raise ConfigError("data.mean", f"needs 3 values (R, G, B), got {len(self.mean)}")
         if self.std is not None and (len(self.std) != 3 or min(self.std) <= 0):

@@ -12,15 +12,15 @@ import torch
 from nvidia.dali import fn, math, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from data.base import Loader
 from data.config import DataConfig
 from data.errors import DataError
 from data.folder import ImageList
-from data.base import Loader
 from data.sharding import derive_seed, train_shard, val_shard
 
 READER = "reader"
 # DALI has no bfloat16: such batches leave DALI as float32 and are cast by torch.
-_DALI_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.FLOAT}
+_DALI_DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT}
 
 
 def _centre(extent, size: int):
@@ -32,7 +32,7 @@ def _centre(extent, size: int):
 
 
 @pipeline_def(enable_checkpointing=True)
-def image_pipeline(files, labels, cfg: DataConfig, train: bool, gpu: bool):
+def image_pipeline(files, labels, cfg: DataConfig, train: bool, gpu: bool, channels_last: bool, dtype: torch.dtype):
     """Decode, crop, flip and normalize; `gpu` only switches the decoder to `mixed` and the labels to the GPU."""
     jpegs, labels = fn.readers.file(files=files, labels=labels, name=READER, pad_last_batch=not train)
     decoder = {"device": "mixed", "hw_decoder_load": cfg.hw_decoder_load} if gpu else {"device": "cpu"}
@@ -58,18 +58,18 @@ def image_pipeline(files, labels, cfg: DataConfig, train: bool, gpu: bool):
         mirror = 0
     images = fn.crop_mirror_normalize(
         images, crop=(size, size), mirror=mirror, **crop_pos, mean=cfg.mean, std=cfg.std or [1.0, 1.0, 1.0],
-        dtype=_DALI_DTYPES[cfg.dtype], output_layout="CHW" if cfg.layout == "NCHW" else "HWC",
+        dtype=_DALI_DTYPES[dtype], output_layout="HWC" if channels_last else "CHW",
     )
     return images, labels.gpu() if gpu else labels
 
 
-def _to_torch(cfg: DataConfig, outputs):
+def _to_torch(channels_last: bool, dtype: torch.dtype, outputs):
     batch = outputs[0]  # one pipeline
     images = batch["images"]
-    if cfg.layout == "NHWC":
+    if channels_last:
         images = images.permute(0, 3, 1, 2)  # logical NCHW over channels_last memory
-    if cfg.dtype == "bfloat16":
-        images = images.to(torch.bfloat16)
+    if images.dtype != dtype:
+        images = images.to(dtype)
     return images, batch["labels"].view(-1).to(torch.int64)
 
 
@@ -77,11 +77,13 @@ class DaliLoader(Loader):
     backend = "dali"
 
     def __init__(self, cfg: DataConfig, split: str, images: ImageList, *, batch_size: int, rank: int,
-                 world_size: int, device: torch.device, seed: int):
+                 world_size: int, device: torch.device, seed: int, channels_last: bool, dtype: torch.dtype):
         super().__init__(images.classes, split, len(images), batch_size=batch_size, rank=rank,
                          world_size=world_size, seed=seed)
         self.cfg = cfg
         self.device = device
+        self.channels_last, self.dtype = channels_last, dtype
+        self._to_torch = partial(_to_torch, channels_last, dtype)
         self._paths = images.paths()
         self._labels = images.labels
         self._gpu = device.type == "cuda"
@@ -93,7 +95,7 @@ class DaliLoader(Loader):
     def _build(self, indices, seed: int, train: bool, checkpoint=None) -> DALIGenericIterator:
         pipe = image_pipeline(
             files=[self._paths[i] for i in indices], labels=[self._labels[i] for i in indices],
-            cfg=self.cfg, train=train, gpu=self._gpu,
+            cfg=self.cfg, train=train, gpu=self._gpu, channels_last=self.channels_last, dtype=self.dtype,
             batch_size=self.batch_size, num_threads=self.cfg.num_threads, device_id=self._device_id,
             seed=seed, prefetch_queue_depth=self.cfg.prefetch, checkpoint=checkpoint,
         )
@@ -101,12 +103,11 @@ class DaliLoader(Loader):
         policy = LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL
         return DALIGenericIterator([pipe], ["images", "labels"], reader_name=READER, last_batch_policy=policy)
 
-
     def _train_epoch(self, epoch: int, start: int) -> Iterator:
         indices = train_shard(self.num_samples, self.batch_size, self.rank, self.world_size, self.seed, epoch)
         checkpoint, self._restore = self._restore, None
         self._iterator = self._build(indices, derive_seed(self.seed, self.rank, epoch), True, checkpoint)
-        return map(partial(_to_torch, self.cfg), self._iterator)
+        return map(self._to_torch, self._iterator)
 
     def _close_source(self):
         super()._close_source()
@@ -116,7 +117,7 @@ class DaliLoader(Loader):
         indices = val_shard(self.num_samples, self.rank, self.world_size)
         if not indices:
             return
-        yield from map(partial(_to_torch, self.cfg), self._build(indices, derive_seed(self.seed, self.rank), False))
+        yield from map(self._to_torch, self._build(indices, derive_seed(self.seed, self.rank), False))
 
     def _extra_state(self) -> Dict[str, Any]:
         # The checkpoint is this rank's (reader position and RNG states differ per rank): the trainer saves one
@@ -130,6 +131,7 @@ class DaliLoader(Loader):
         if str(self.rank) not in checkpoints:
             raise DataError(
                 f"the loader state holds DALI checkpoints for ranks {sorted(checkpoints, key=int)} but not for "
-                f"rank {self.rank}: restore each rank from its own saved state (or from data.loader.merge_states of all)"
+                f"rank {self.rank}: restore each rank from its own saved state "
+                f"(or from data.loader.merge_states of all)"
             )
         self._restore = base64.b64decode(checkpoints[str(self.rank)])

@@ -10,6 +10,10 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str):
         super().__init__(f"{key}: {message}")
         self.key = key
+        self.message = message
+
+    def __reduce__(self):  # picklable, so ranks can share it (all_gather_object)
+        return type(self), (self.key, self.message)
 
 
 class DataError(RuntimeError):

@@ -1,22 +1,31 @@
 """build_loader: the one interface the trainer sees; it picks the backend named by cfg.backend.
 
-A Loader has `classes`, `__len__` (batches per epoch), `__iter__` (the rest of the current epoch, as
-(images, labels) on the device) and, for train, `state_dict()`/`load_state_dict()`.
+A Loader (data/base.py) has `classes`, `__len__` (batches per epoch), `__iter__` (the rest of the current
+epoch, as (images, labels) on the device) and, for train, `state_dict()`/`load_state_dict()`.
 """
 from typing import Any, Dict, List
 
 import torch
 
+from data.base import Loader
 from data.config import DataConfig
 from data.folder import list_split
-from data.base import Loader
+
+OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def build_loader(cfg: DataConfig, split: str, *, batch_size: int, rank: int, world_size: int,
-                 device: torch.device, seed: int) -> Loader:
+                 device: torch.device, seed: int, channels_last: bool = False,
+                 dtype: torch.dtype = torch.float32) -> Loader:
+    """`channels_last` and `dtype` are the consumer's choice (the model's memory format and precision), so
+    they are arguments, not data settings: images come out as NCHW tensors of `dtype` whose memory is
+    channels_last (NHWC) when asked."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    placement = dict(batch_size=batch_size, rank=rank, world_size=world_size, device=device, seed=seed)
+    if dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"dtype must be one of {OUTPUT_DTYPES}, got {dtype}")
+    placement = dict(batch_size=batch_size, rank=rank, world_size=world_size, device=device, seed=seed,
+                     channels_last=channels_last, dtype=dtype)
     if cfg.backend == "synthetic":
         from data.synthetic import SyntheticLoader
         return SyntheticLoader(cfg, split, **placement)

@@ -4,8 +4,8 @@ from typing import Iterator
 
 import torch
 
-from data.config import DataConfig
 from data.base import Loader
+from data.config import DataConfig
 from data.sharding import derive_seed, val_shard
 
 
@@ -23,15 +23,15 @@ class SyntheticLoader(Loader):
     backend = "synthetic"
 
     def __init__(self, cfg: DataConfig, split: str, *, batch_size: int, rank: int, world_size: int,
-                 device: torch.device, seed: int):
+                 device: torch.device, seed: int, channels_last: bool, dtype: torch.dtype):
         classes = [f"class{i:04d}" for i in range(cfg.num_classes)]
         super().__init__(classes, split, cfg.synthetic_samples, batch_size=batch_size, rank=rank,
                          world_size=world_size, seed=seed)
         self.device = device
         generator = torch.Generator().manual_seed(derive_seed(seed, rank))
         images = torch.randn(batch_size, 3, cfg.image_size, cfg.image_size, generator=generator)
-        memory_format = torch.channels_last if cfg.layout == "NHWC" else torch.contiguous_format
-        self._images = images.to(device=device, dtype=getattr(torch, cfg.dtype), memory_format=memory_format)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self._images = images.to(device=device, dtype=dtype, memory_format=memory_format)
 
         self._labels = partial(_labels, cfg.num_classes, device, seed, rank)
 

@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms import v2
 
+from data.base import Loader
 from data.config import DataConfig
 from data.folder import ImageList
-from data.base import Loader
 from data.sharding import derive_seed, val_shard
 
 # Workers start from a forkserver (see the DataLoader below); preloading this module there makes each worker a
@@ -86,7 +86,7 @@ class TorchvisionLoader(Loader):
     backend = "torchvision"
 
     def __init__(self, cfg: DataConfig, split: str, images: ImageList, *, batch_size: int, rank: int,
-                 world_size: int, device: torch.device, seed: int):
+                 world_size: int, device: torch.device, seed: int, channels_last: bool, dtype: torch.dtype):
         super().__init__(images.classes, split, len(images), batch_size=batch_size, rank=rank,
                          world_size=world_size, seed=seed)
         self.cfg = cfg
@@ -111,8 +111,8 @@ class TorchvisionLoader(Loader):
             multiprocessing_context="forkserver" if workers else None,
         )
 
-        self._to_device = partial(_to_device, device, getattr(torch, cfg.dtype),
-                                  torch.channels_last if cfg.layout == "NHWC" else torch.contiguous_format)
+        self._to_device = partial(_to_device, device, dtype,
+                                  torch.channels_last if channels_last else torch.contiguous_format)
 
     def _train_epoch(self, epoch: int, start: int) -> Iterator:
         self._sampler.epoch, self._sampler.start = epoch, start

@@ -139,7 +139,8 @@ def verify(root: Path, fix: bool, file_list: Optional[Path], workers: int) -> in
         listed = write_file_list(file_list, checks)
         print(f"wrote {listed} train files to {file_list}")
     # Unfixable train files are harmless once left out of the list; unfixable val files and unfixed ones are not.
-    remaining = [c for c in checks if c.kind != OK and not (file_list is not None and c.path.startswith("train" + os.sep))]
+    left_out = file_list is not None
+    remaining = [c for c in checks if c.kind != OK and not (left_out and c.path.startswith("train" + os.sep))]
     print(f"checked {len(checks)} files: {len(problems)} problems, {fixed} fixed, {len(remaining)} left to act on")
     return 1 if remaining else 0
 

@@ -20,7 +20,7 @@ def main(checkpoint: str) -> None:
                           seed=0)
     model = build_model(state["config"]["model"]["name"], num_classes=len(state["classes"]))
     model.load_state_dict(state["model"])
-    metrics = evaluate(model, loader, d.device, contextlib.nullcontext, channels_last=False)
+    metrics = evaluate(model, loader, d.device, contextlib.nullcontext)
     if d.is_main:
         print(json.dumps(metrics))
     distributed.shutdown()

@@ -18,10 +18,12 @@ def root(tmp_path_factory):
     return str(path)
 
 
-def loader(root, backend, split="train", batch_size=4, rank=0, world_size=1, **overrides):
+def loader(root, backend, split="train", batch_size=4, rank=0, world_size=1, channels_last=False,
+           dtype=torch.float32, **overrides):
     cfg = DataConfig(root=root, backend=backend, image_size=32, val_resize=36, num_threads=2,
                      num_classes=3, synthetic_samples=21 if split == "train" else 9, **overrides)
-    return build_loader(cfg, split, batch_size=batch_size, rank=rank, world_size=world_size, device=CPU, seed=5)
+    return build_loader(cfg, split, batch_size=batch_size, rank=rank, world_size=world_size, device=CPU, seed=5,
+                        channels_last=channels_last, dtype=dtype)
 
 
 def take(loader_, count):
@@ -37,7 +39,7 @@ def take(loader_, count):
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_same_interface(root, backend, layout):
-    train = loader(root, backend, layout=layout, dtype="bfloat16")
+    train = loader(root, backend, channels_last=layout == "NHWC", dtype=torch.bfloat16)
     assert len(train) == 5 and len(train.classes) == 3
     batches = list(train)
     assert len(batches) == 5

@@ -25,9 +25,10 @@ def config(root, **overrides):
     return DataConfig(root=root, image_size=32, val_resize=36, num_threads=2, **overrides)
 
 
-def loader(root, split="train", batch_size=4, rank=0, world_size=1, seed=0, **overrides):
+def loader(root, split="train", batch_size=4, rank=0, world_size=1, seed=0, channels_last=False,
+           dtype=torch.float32, **overrides):
     return build_loader(config(root, **overrides), split, batch_size=batch_size, rank=rank,
-                        world_size=world_size, device=CPU, seed=seed)
+                        world_size=world_size, device=CPU, seed=seed, channels_last=channels_last, dtype=dtype)
 
 
 def codes(images, mean=SEED_MEAN, std=None):
@@ -42,7 +43,7 @@ def codes(images, mean=SEED_MEAN, std=None):
 def test_shapes_dtypes_layouts(coded, layout, dtype):
     root, _ = coded
     reference = [x for x, _ in loader(root)]
-    batches = list(loader(root, layout=layout, dtype=dtype))
+    batches = list(loader(root, channels_last=layout == "NHWC", dtype=getattr(torch, dtype)))
     assert len(batches) == 6
     for (images, labels), ref in zip(batches, reference):
         assert images.shape == (4, 3, 32, 32) and images.dtype == getattr(torch, dtype)

@@ -1,14 +1,18 @@
-"""Atomic checkpoints: temp file, fsync, rename, then the `latest` pointer; loading falls back past a corrupt file."""
+"""Checkpoints: the save cadence, atomic writes (temp file, fsync, rename, then the `latest` pointer), pruning,
+and loading that falls back past a corrupt file."""
 import os
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
 from data.errors import ConfigError
+from trainer import distributed
+from trainer.distributed import Dist
+from trainer.errors import CheckpointError, Diverged
 
 POINTER = "latest"
 NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
@@ -37,19 +41,37 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_atomic(path: Path, write) -> None:
+    """Writes through a temp file, fsynced and renamed; a failed write (disk full) leaves no temp file behind."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
+def _non_finite(model_state: dict) -> list:
+    return [k for k, t in model_state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
 class Checkpointer:
-    def __init__(self, directory: Path, keep: int):
+    """Owns the checkpoints of a run: when to save, writing them atomically on rank 0, pruning, and loading.
+
+    `save` is collective: every rank calls it at the same steps, so the state (which gathers every rank's loader
+    and RNG state) is built everywhere, and every rank returns only once the file is durable, or raises the
+    same error as rank 0 when it could not be written.
+    """
+
+    def __init__(self, directory: Path, keep: int, every_steps: int = 0, dist: Optional[Dist] = None):
         self.dir = Path(directory)
         self.keep = keep
+        self.every_steps = every_steps
+        self.dist = dist or Dist(0, 0, 1, torch.device("cpu"))
 
     def path_for(self, step: int) -> Path:
         return self.dir / f"ckpt-{step:09d}.pt"
@@ -60,15 +82,36 @@ class Checkpointer:
             return []
         return sorted(p for p in self.dir.iterdir() if NAME.match(p.name))
 
-    def save(self, state: dict, step: int) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def due(self, step: int, *, epoch_end: bool = False) -> bool:
+        """The cadence: every `every_steps` optimizer steps, and at every epoch end."""
+        return epoch_end or bool(self.every_steps and step % self.every_steps == 0)
+
+    def save(self, step: int, state: Callable[[], dict], *, epoch_end: bool = False,
+             force: bool = False) -> Optional[Path]:
+        """Saves `state()` if the cadence says so at `step` (or `force`); returns the path, None if not due."""
+        if not (force or self.due(step, epoch_end=epoch_end)):
+            return None
+        snapshot = state()
+        distributed.agree(lambda: self._write(snapshot, step) if self.dist.is_main else None, self.dist)
+        return self.path_for(step)
+
+    def _write(self, state: dict, step: int) -> None:
+        bad = _non_finite(state["model"])
+        if bad:
+            raise Diverged(f"refusing to write a checkpoint with non-finite weights at step {step} "
+                           f"(e.g. {bad[0]}); the last good checkpoint is kept in {self.dir}")
         path = self.path_for(step)
-        _write_atomic(path, lambda f: torch.save(state, f))
-        # The pointer moves only once the file it names is complete and durable.
-        _write_atomic(self.dir / POINTER, lambda f: f.write(path.name.encode() + b"\n"))
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            _write_atomic(path, lambda f: torch.save(state, f))
+            # The pointer moves only once the file it names is complete and durable.
+            _write_atomic(self.dir / POINTER, lambda f: f.write(path.name.encode() + b"\n"))
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            raise CheckpointError(f"could not write checkpoint {path}: {reason}; the previous checkpoints in "
+                                  f"{self.dir} are intact") from None
         for old in self.saved()[:-self.keep]:
             old.unlink()
-        return path
 
     def load_latest(self) -> Optional[Tuple[Path, dict]]:
         """The newest loadable checkpoint; a truncated or corrupt one is reported and the previous one used."""

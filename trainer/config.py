@@ -34,13 +34,15 @@ class TrainConfig:
     max_steps: int = 0
     """Stop after this many optimizer steps (tests, benchmarks); 0 runs all epochs. The schedule is unchanged."""
     precision: str = "bf16"
-    """fp32, bf16 (autocast, CUDA and CPU) or fp16 (autocast with GradScaler, CUDA only)."""
+    """fp32, bf16 (autocast, CUDA and CPU) or fp16 (autocast with GradScaler, CUDA only); the loader delivers
+    images in the same dtype."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
     label_smoothing: float = 0.1
     """Label smoothing of the training loss."""
     channels_last: bool = True
-    """Run the model in channels_last memory format (faster for convolutions on tensor cores and oneDNN)."""
+    """Run the model in channels_last memory format (faster for convolutions on tensor cores and oneDNN); the
+    loader then delivers NHWC images."""
     compile: bool = False
     """Wrap the model in torch.compile."""
     sync_bn: bool = True
@@ -84,10 +86,6 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
-
-    def __post_init__(self):
-        if self.train.precision == "fp32" and self.data.dtype != "float32":
-            raise ConfigError("data.dtype", f"fp32 training needs float32 images, got {self.data.dtype}")
 
 
 def _config_error(e: OmegaConfBaseException, source: str) -> ConfigError:

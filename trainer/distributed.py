@@ -6,7 +6,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from data.errors import ConfigError
+from data.errors import ConfigError, DataError
+from trainer.errors import CheckpointError, Diverged, UserInputError
 
 BACKENDS = ("auto", "nccl", "gloo")
 
@@ -85,6 +86,27 @@ def any_rank(flag: bool, d: Dist) -> bool:
     t = torch.tensor([int(flag)], dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=d.control)
     return bool(t.item())
+
+
+# What `agree` shares between ranks: errors a user can act on. Anything else is a bug, and its traceback
+# (with torchrun's record of the failing rank) says more than a message would.
+AGREED_ERRORS = (ConfigError, DataError, UserInputError, Diverged, CheckpointError)
+
+
+def agree(fn, d: Dist):
+    """Runs `fn` on every rank and returns its result; when it fails on any rank, every rank raises the error of
+    the lowest failing rank (its `failed_rank` set), so all exit together with the same message and none is left
+    waiting at a later collective."""
+    try:
+        result, error = fn(), None
+    except AGREED_ERRORS as e:
+        result, error = None, e
+    for rank, failure in enumerate(all_gather(error, d)):
+        if failure is not None:
+            failure = error if rank == d.rank else failure  # this rank's own keeps its traceback
+            failure.failed_rank = rank
+            raise failure
+    return result
 
 
 def all_gather(obj, d: Dist) -> list:

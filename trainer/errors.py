@@ -11,3 +11,7 @@ class UserInputError(RuntimeError):
 
 class Diverged(RuntimeError):
     """The loss stayed non-finite for too many consecutive steps, or a checkpoint would hold non-finite weights."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions); the earlier ones are intact."""

@@ -6,9 +6,14 @@ import torch
 from data.errors import ConfigError, DataError
 from trainer import distributed
 from trainer.config import load_config, parse_args, to_yaml
-from trainer.errors import Diverged, UserInputError
+from trainer.errors import CheckpointError, Diverged, UserInputError
 
 EXIT_USAGE = 2
+
+
+def _where(e: Exception) -> str:
+    rank = getattr(e, "failed_rank", None)
+    return f" (on rank {rank})" if rank is not None else ""
 
 
 def main(argv=None) -> int:
@@ -28,12 +33,13 @@ def main(argv=None) -> int:
 
     d = distributed.init(cfg.distributed)
     try:
-        return Trainer(cfg, d).train()
+        with Trainer(cfg, d) as trainer:
+            return trainer.train()
     except ConfigError as e:
-        print(f"[rank {d.rank}] config error: {e}", file=sys.stderr)
+        print(f"config error{_where(e)}: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (DataError, UserInputError, Diverged) as e:
-        print(f"[rank {d.rank}] error: {e}", file=sys.stderr)
+    except (DataError, UserInputError, Diverged, CheckpointError) as e:
+        print(f"error{_where(e)}: {e}", file=sys.stderr)
         return 1
     finally:
         distributed.shutdown()

@@ -1,0 +1,131 @@
+"""The Trainer in this process, on the synthetic backend: the step, skips, cadence and clean exits.
+
+Real processes add nothing to these; the multi-process behaviour is in test_trainer_ddp.py.
+"""
+import copy
+import json
+
+import pytest
+import torch
+
+from data.errors import DataError
+from trainer import distributed
+from trainer.config import load_config
+from trainer.distributed import Dist
+from trainer.errors import Diverged
+from trainer.optim import build_optimizer
+from trainer.trainer import EpochEnd, Trainer, accumulation_groups
+
+ALONE = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+# 64 samples at batch 8: 8 steps per epoch.
+SMALL = ["model.name=resnet20", "data.backend=synthetic", "data.num_classes=4", "data.synthetic_samples=64",
+         "data.image_size=32", "data.val_resize=32", "train.batch_size=8", "train.precision=fp32",
+         "train.epochs=2", "train.label_smoothing=0", "schedule.name=constant", "schedule.warmup_epochs=0",
+         "monitor.wandb=false", "monitor.progress=false", "monitor.every_steps=1", "checkpoint.every_steps=3"]
+
+
+def make_trainer(tmp_path, *overrides) -> Trainer:
+    return Trainer(load_config(None, [*SMALL, f"run.dir={tmp_path / 'run'}", *overrides]), ALONE)
+
+
+def test_a_step_is_forward_loss_backward_update(tmp_path):
+    with make_trainer(tmp_path) as trainer:
+        reference = copy.deepcopy(trainer.raw_model)
+        optimizer = build_optimizer(reference, trainer.cfg.optim, trainer.optimizer.param_groups[0]["lr"])
+        images, labels = next(iter(trainer.train_loader))
+
+        output = reference(images)
+        loss = torch.nn.functional.cross_entropy(output, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+        loss_sum, correct, samples, finite = trainer.train_step([(images, labels)])
+    assert finite and samples == 8 and torch.equal(loss_sum, loss.detach() * 8)
+    for (name, ours), theirs in zip(trainer.raw_model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(ours, theirs), name
+
+
+def test_a_non_finite_step_leaves_the_weights_unchanged(tmp_path):
+    with make_trainer(tmp_path) as trainer:
+        images, labels = next(iter(trainer.train_loader))
+        before = {k: v.clone() for k, v in trainer.raw_model.named_parameters()}
+        *_, finite = trainer.train_step([(torch.full_like(images, float("inf")), labels)])
+    assert not finite
+    assert all(torch.equal(p, before[k]) for k, p in trainer.raw_model.named_parameters())
+
+
+def test_accumulation_groups_read_a_partial_group_but_do_not_yield_it():
+    batches = iter(range(7))
+    assert list(accumulation_groups(batches, 3)) == [[0, 1, 2], [3, 4, 5]]
+    assert next(batches, None) is None  # 6 was read, so the epoch's iterator is exhausted
+
+
+def test_the_checkpointer_saves_on_its_cadence_and_at_epoch_ends(tmp_path):
+    with make_trainer(tmp_path, "train.max_steps=10") as trainer:
+        assert trainer.train() == 0
+    steps = sorted(int(p.stem.split("-")[1]) for p in trainer.checkpointer.dir.glob("ckpt-*.pt"))
+    # every 3 steps (3, 6, 9), the end of epoch 1 (8) and the last step (10); keep=3 leaves the newest three.
+    assert steps == [8, 9, 10]
+    assert (trainer.checkpointer.dir / "latest").read_text().strip() == "ckpt-000000010.pt"
+
+
+def test_train_one_epoch_says_why_it_returned(tmp_path):
+    with make_trainer(tmp_path, "train.max_steps=10") as trainer:
+        trainer.stop.install()
+        assert trainer.train_one_epoch() is EpochEnd.EPOCH and trainer.step == 8 and trainer.epoch == 1
+        assert trainer.train_one_epoch() is EpochEnd.LAST_STEP and trainer.step == 10
+    with make_trainer(tmp_path / "stopped", "train.stop_check_every=2") as trainer:
+        trainer.stop.install()
+        trainer.stop.signum = 10  # as the SIGUSR1 handler would
+        assert trainer.train_one_epoch() is EpochEnd.STOP and trainer.step == 2
+
+
+def test_the_monitor_is_closed_when_training_diverges(tmp_path):
+    trainer = make_trainer(tmp_path, "optim.lr=1e30", "train.max_nonfinite_steps=2", "checkpoint.every_steps=0")
+    with pytest.raises(Diverged, match="non-finite for 2 consecutive steps"):
+        with trainer:
+            trainer.train()
+    assert trainer.monitor.file.closed
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records and all(r["split"] == "train" for r in records)
+
+
+def test_a_train_split_smaller_than_a_global_batch_is_named(tmp_path):
+    with pytest.raises(DataError, match="smaller than one global batch"):
+        make_trainer(tmp_path, "train.grad_accum=16")
+
+
+def _fail_on_rank_1(rank, port, results):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    d = distributed.init(distributed.DistributedConfig(timeout_s=60))
+
+    def fail():
+        if d.rank == 1:
+            raise DataError("shard 7 of /data/x is unreadable")
+        return "fine"
+
+    try:
+        distributed.agree(fail, d)
+        results.put((rank, None, None))
+    except DataError as e:
+        results.put((rank, str(e), e.failed_rank))
+    distributed.shutdown()
+
+
+def test_every_rank_raises_the_error_of_the_rank_that_failed():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    mp.start_processes(_fail_on_rank_1, args=(port, results), nprocs=2, start_method="spawn")
+    got = sorted(results.get(timeout=10) for _ in range(2))
+    assert got == [(0, "shard 7 of /data/x is unreadable", 1), (1, "shard 7 of /data/x is unreadable", 1)]
