@@ -224,8 +224,14 @@ def _manifest(params: DemoParams) -> dict:
 
 
 def _clear_previous(out: Path) -> None:
-    if not (out / OWNER_MARKER).exists() and any((out / split).exists() for split in SPLITS):
-        raise DataError(f"{out}: holds train/ or val/ not made by make_demo_dataset; refusing to overwrite it")
+    """Makes way for a new generation, only in a folder that is empty or was made by this generator: a data.root
+    with a typo must not turn into 90 MB of pictures next to somebody's files."""
+    if not (out / OWNER_MARKER).exists():
+        others = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+        if others:
+            raise DataError(f"{out}: not empty and not made by make_demo_dataset ({', '.join(others[:5])}); refusing "
+                            f"to generate the demo dataset there (only into an empty or absent folder). Check "
+                            f"data.root, or set data.demo=false to train on what is there")
     for split in SPLITS:
         shutil.rmtree(out / split, ignore_errors=True)
     (out / COMPLETE_MARKER).unlink(missing_ok=True)
@@ -268,8 +274,15 @@ def make_demo_dataset(out: Path, params: DemoParams, workers: int = 2) -> Path:
 
 
 def ensure_demo_dataset(out, seed: int = 0) -> Path:
-    """The default demo dataset under out, generated if absent or incomplete; returns out."""
-    return make_demo_dataset(Path(out), DemoParams(seed=seed))
+    """The default demo dataset under out, generated if absent or incomplete (and says so); returns out."""
+    out, params = Path(out), DemoParams(seed=seed)
+    if _is_complete(out, params):
+        return out
+    make_demo_dataset(out, params)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    images = params.classes * (params.train_per_class + params.val_per_class)
+    print(f"made the demo dataset in {out.resolve()}: {images} images, {size / 2**20:.0f} MB", flush=True)
+    return out
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -9,7 +9,7 @@ from data.config import DataConfig
 from data.loader import build_loader
 from trainer import distributed
 from trainer.models import build_model
-from trainer.trainer import evaluate
+from trainer.evaluate import evaluate
 
 
 def main(checkpoint: str) -> None:

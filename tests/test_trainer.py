@@ -118,9 +118,11 @@ def test_unwritable_run_dir_is_named(tiny_data, tmp_path):
 def test_checkpoint_of_another_model_is_refused(finished_run, tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run[0], run_dir)
+    config_before = (run_dir / "config.yaml").read_text()
     result = run_trainer(1, *TINY, *ONE_PROCESS, "model.name=resnet32", f"data.root={tiny_data}", f"run.dir={run_dir}")
-    assert result.returncode == 1
+    assert result.returncode == 2  # a config that contradicts the run's checkpoint is a config error
     assert "model.name=resnet20" in result.stderr and "ckpt-000000014.pt" in result.stderr
+    assert (run_dir / "config.yaml").read_text() == config_before  # the rejected config is not recorded
 
 
 def test_diverging_run_stops_without_a_nan_checkpoint(tiny_data, tmp_path):

@@ -2,6 +2,7 @@
 and loading that falls back past a corrupt file."""
 import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,9 @@ from trainer.errors import CheckpointError, Diverged
 
 POINTER = "latest"
 NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
+UNREADABLE = ".unreadable"
+# Room kept free beyond the checkpoint itself: the metrics, logs and W&B files of the run still need to grow.
+HEADROOM_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -57,6 +61,10 @@ def _write_atomic(path: Path, write) -> None:
 
 def _non_finite(model_state: dict) -> list:
     return [k for k, t in model_state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+def step_of(path: Path) -> int:
+    return int(NAME.match(path.name).group(1))
 
 
 class Checkpointer:
@@ -101,6 +109,7 @@ class Checkpointer:
             raise Diverged(f"refusing to write a checkpoint with non-finite weights at step {step} "
                            f"(e.g. {bad[0]}); the last good checkpoint is kept in {self.dir}")
         path = self.path_for(step)
+        self._check_free_space(path)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             _write_atomic(path, lambda f: torch.save(state, f))
@@ -110,11 +119,36 @@ class Checkpointer:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
             raise CheckpointError(f"could not write checkpoint {path}: {reason}; the previous checkpoints in "
                                   f"{self.dir} are intact") from None
-        for old in self.saved()[:-self.keep]:
+        self._prune(step)
+
+    def _check_free_space(self, path: Path) -> None:
+        """Refuses a write that cannot fit, judged by the size of the newest checkpoint: a disk that fills up
+        mid-write costs the time to write it and, elsewhere, leaves the disk full."""
+        previous = self.saved()
+        if not previous:
+            return
+        needed = previous[-1].stat().st_size + HEADROOM_BYTES
+        free = shutil.disk_usage(self.dir).free
+        if free < needed:
+            raise CheckpointError(f"not enough space for checkpoint {path}: about {needed / 2**20:.0f} MiB needed "
+                                  f"(the last one was {previous[-1].stat().st_size / 2**20:.0f} MiB), "
+                                  f"{free / 2**20:.0f} MiB free; the previous checkpoints in {self.dir} are intact")
+
+    def _prune(self, step: int) -> None:
+        """Keeps the checkpoint of `step` and the `keep - 1` newest before it. Files of later steps belong to a
+        future this run has abandoned (it resumed from an earlier checkpoint), so they go too."""
+        older = [p for p in self.saved() if step_of(p) < step]
+        doomed = older[:max(len(older) - (self.keep - 1), 0)] + [p for p in self.saved() if step_of(p) > step]
+        for old in doomed:
             old.unlink()
 
     def load_latest(self) -> Optional[Tuple[Path, dict]]:
-        """The newest loadable checkpoint; a truncated or corrupt one is reported and the previous one used."""
+        """The newest loadable checkpoint, or None when there is none at all.
+
+        A truncated, corrupt or non-finite one is reported, set aside as `<name>.unreadable` (kept for a look,
+        never loaded or pruned) and the previous one used. When checkpoints exist but none loads, starting
+        afresh would silently throw the run away: that is an error.
+        """
         candidates = self.saved()[::-1]
         pointer = self.dir / POINTER
         if pointer.is_file():
@@ -122,10 +156,24 @@ class Checkpointer:
             if named in candidates:
                 candidates.remove(named)
                 candidates.insert(0, named)
+        unreadable = []
         for path in candidates:
             try:
-                return path, torch.load(path, map_location="cpu", weights_only=True)
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                bad = _non_finite(state["model"])
+                if bad:
+                    raise ValueError(f"non-finite weights, e.g. {bad[0]}")
             except Exception as e:  # noqa: BLE001 - any unreadable file is skipped the same way
-                print(f"warning: checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                      "trying the previous one", file=sys.stderr)
+                reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+                print(f"warning: checkpoint {path} is unreadable ({reason}); trying the previous one",
+                      file=sys.stderr)
+                unreadable.append((path, reason))
+                continue
+            for bad_path, _ in unreadable:
+                bad_path.rename(bad_path.with_name(bad_path.name + UNREADABLE))
+            return path, state
+        if unreadable:
+            listed = "; ".join(f"{p.name} ({reason})" for p, reason in unreadable[:5])
+            raise CheckpointError(f"none of the {len(unreadable)} checkpoints in {self.dir} can be loaded: {listed}. "
+                                  f"Restore a good copy there, or move them away to start the run afresh")
         return None

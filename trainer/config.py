@@ -130,6 +130,38 @@ def load_config(config_file: Optional[Path], overrides: List[str]) -> Config:
     return cfg
 
 
+# Keys a resumed run may change: they say how the run is operated, not what it computes. optim.lr is applied
+# too, by rescaling the schedule (Trainer.apply_lr); any other change is refused, since the checkpoint's
+# optimizer, schedule and data order would quietly keep the old meaning while config.yaml claimed the new one.
+CHANGEABLE_ON_RESUME = (
+    "run.", "monitor.", "checkpoint.", "distributed.", "data.root", "data.demo", "data.num_threads",
+    "data.prefetch", "data.hw_decoder_load", "train.max_steps", "train.threads", "train.stop_check_every",
+    "train.eval_every_epochs", "train.max_nonfinite_steps", "train.compile", "train.cudnn_benchmark",
+    "train.channels_last", "optim.lr",
+)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: dict, current: dict) -> dict:
+    """{key: (saved value, current value)} for every key whose value differs between two to_dict() configs."""
+    old, new = flatten(saved), flatten(current)
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+
+
+def changeable_on_resume(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in CHANGEABLE_ON_RESUME)
+
+
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 

@@ -37,13 +37,24 @@ class MonitorConfig:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drops records past `step` (written after the checkpoint a resumed run starts from), atomically."""
+    """Drops the records past `step` (written after the checkpoint a resumed run starts from) and a torn last line.
+
+    Records are appended in step order and every resume truncates first, so what goes is a suffix: the file is
+    cut in place, which needs no free space (a run that stopped on a full disk must be able to resume).
+    """
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    keep_bytes = 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line) if line.endswith(b"\n") else None
+            except ValueError:
+                record = None
+            if record is None or record["step"] > step:
+                break
+            keep_bytes += len(line)
+    os.truncate(path, keep_bytes)
 
 
 class Monitor:

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -17,15 +16,17 @@ from data.errors import ConfigError, DataError
 from data.loader import build_loader
 from trainer import distributed
 from trainer.checkpoint import Checkpointer
-from trainer.config import Config, to_dict, to_yaml
+from trainer.config import Config, changeable_on_resume, config_changes, to_dict, to_yaml
 from trainer.distributed import Dist
 from trainer.errors import Diverged, UserInputError
+from trainer.evaluate import evaluate
 from trainer.metrics import Sums, correct_topk
 from trainer.models import build_model
 from trainer.monitor import Monitor
 from trainer.optim import build_ema, build_optimizer, build_scheduler, scaled_lr
 from trainer.preemption import StopFlag
 from trainer.rng import rng_state, seed_everything, set_rng_state
+from trainer.run_dir import RunDir
 
 CHECKPOINT_VERSION = 2
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -40,25 +41,6 @@ class EpochEnd(enum.Enum):
     EPOCH = "the epoch's batches ran out"
     LAST_STEP = "the run reached its last step"
     STOP = "the ranks agreed to stop on a signal"
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, autocast) -> dict:
-    """Exact over all ranks: each val image is seen once, and counts (not means) are summed."""
-    was_training = model.training
-    model.eval()
-    sums = Sums(device, "loss", "top1", "top5", "samples")
-    for images, labels in loader:
-        with autocast():
-            logits = model(images)
-        top1, top5 = correct_topk(logits, labels)
-        sums.add(loss=F.cross_entropy(logits.float(), labels, reduction="sum"), top1=top1, top5=top5,
-                 samples=len(labels))
-    model.train(was_training)
-    r = sums.reduce()
-    n = max(r["samples"], 1)
-    return {"loss": r["loss"] / n, "top1": 100 * r["top1"] / n, "top5": 100 * r["top5"] / n,
-            "samples": int(r["samples"])}
 
 
 def accumulation_groups(batches, size: int):
@@ -85,9 +67,17 @@ class Trainer:
         self.step = self.epoch = self.images_seen = self.nonfinite_steps = 0
         self.last_val = {}
         self.monitor = None
-        self._configure_torch()
+        self.run = RunDir(self.run_dir)
+        self._on_main(self.run.open)  # before anything is written there: one job per run dir
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
 
-        self._on_main(self._prepare_run_dir)
+    def _build(self) -> None:
+        cfg, d = self.cfg, self.dist
+        self._configure_torch()
         self._on_main(self._ensure_demo_data)
         self.train_loader, self.val_loader = self._build_loaders()
         self.classes = list(self.train_loader.classes)
@@ -118,9 +108,10 @@ class Trainer:
         self.close()
 
     def close(self) -> None:
-        """Finishes the metrics file and the W&B run; safe to call on any exit, more than once."""
+        """Finishes the metrics file and the W&B run and releases run.dir; safe on any exit, more than once."""
         if self.monitor is not None:
             self.monitor.close()
+        self.run.close()
 
     def _configure_torch(self) -> None:
         seed_everything(self.cfg.seed)
@@ -133,16 +124,6 @@ class Trainer:
 
     def _on_main(self, fn):
         return self._agree(lambda: fn() if self.dist.is_main else None)
-
-    def _prepare_run_dir(self) -> None:
-        try:
-            (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            probe = self.run_dir / ".writable"
-            probe.write_text("")
-            probe.unlink()
-            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
-        except OSError as e:
-            raise UserInputError(f"run.dir: cannot write to {self.run_dir}: {e.strerror or e}") from None
 
     def _ensure_demo_data(self) -> None:
         if self.cfg.data.demo:
@@ -212,18 +193,21 @@ class Trainer:
             "wandb_id": self.monitor.wandb_id,
         }
 
-    def load_checkpoint_state(self, state: dict, source: Path) -> None:
-        def mismatch(key, theirs, ours):
-            return UserInputError(f"checkpoint {source} was written with {key}={theirs}, this run has {key}={ours}; "
-                                  f"use another run.dir to start afresh")
-
+    def load_checkpoint_state(self, state: dict, source: Path) -> dict:
+        """Restores every part from `state`; returns the config keys this run changes, {key: (old, new)}."""
         if state.get("version") != CHECKPOINT_VERSION:
             raise UserInputError(f"checkpoint {source} has format version {state.get('version')}, "
                                  f"this trainer reads {CHECKPOINT_VERSION}")
-        if state["config"]["model"]["name"] != self.cfg.model.name:
-            raise mismatch("model.name", state["config"]["model"]["name"], self.cfg.model.name)
+        changes = config_changes(state["config"], to_dict(self.cfg))
+        refused = [k for k in changes if not changeable_on_resume(k)]
+        if refused:
+            listed = ", ".join(f"{k}={changes[k][0]} (now {changes[k][1]})" for k in refused)
+            raise ConfigError(refused[0], f"checkpoint {source} was written with {listed}: resuming with a different "
+                                          f"value would silently change what the run computes. Set it back, or "
+                                          f"use another run.dir to start afresh")
         if state["world_size"] != self.dist.world_size:
-            raise mismatch("world size", state["world_size"], self.dist.world_size)
+            raise UserInputError(f"checkpoint {source} was written with world size={state['world_size']}, this run "
+                                 f"has world size={self.dist.world_size}; use another run.dir to start afresh")
         if state["classes"] != self.classes:
             raise UserInputError(f"checkpoint {source} was trained on other classes than {self.cfg.data.root}")
         try:
@@ -241,16 +225,34 @@ class Trainer:
         self.nonfinite_steps, self.last_val = state["nonfinite_steps"], state["last_val"]
         self.train_loader.load_state_dict(state["loader"][self.dist.rank])
         set_rng_state(state["rng"][self.dist.rank])
+        if "optim.lr" in changes:
+            self._apply_lr()
+        return changes
+
+    def _apply_lr(self) -> None:
+        """optim.lr changed on resume: the schedule continues from the current step with the new base lr."""
+        base = scaled_lr(self.cfg.optim, self.global_batch)
+        self.scheduler.base_lrs = [base] * len(self.optimizer.param_groups)
+        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group["initial_lr"] = base
+            group["lr"] = base * factor(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _resume(self):
-        """Loads the latest complete checkpoint of run.dir, if any; returns the W&B run id to continue."""
+        """Loads the latest complete checkpoint of run.dir, if any, then records the config in effect; returns
+        the W&B run id to continue."""
         found = self._on_main(self.checkpointer.load_latest)
         path = distributed.broadcast_from_main(str(found[0]) if found else None, self.dist)
-        if path is None:
-            return None
-        state = found[1] if found else torch.load(path, map_location="cpu", weights_only=True)
-        self._agree(lambda: self.load_checkpoint_state(state, Path(path)))
-        return state["wandb_id"]
+        changes, wandb_id = {}, None
+        if path is not None:
+            state = found[1] if found else torch.load(path, map_location="cpu", weights_only=True)
+            changes = self._agree(lambda: self.load_checkpoint_state(state, Path(path)))
+            wandb_id = state["wandb_id"]
+        if self.dist.is_main:
+            for key, (old, new) in changes.items():
+                print(f"resuming with {key}={new} (was {old}): applied", flush=True)
+            self.run.record_config(to_yaml(self.cfg), changes, self.step)
+        return wandb_id
 
     def save(self, **when) -> None:
         """Saves if the checkpointer's cadence says so (see Checkpointer.save for `when`)."""
