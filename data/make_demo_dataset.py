@@ -223,15 +223,20 @@ def _manifest(params: DemoParams) -> dict:
     return {"generator_version": GENERATOR_VERSION, **asdict(params)}
 
 
+def _refuse_foreign(out: Path) -> None:
+    """Generates only into a folder that is absent, empty or made by this generator: a data.root with a typo must
+    not turn into 90 MB of pictures next to somebody's files."""
+    if not out.is_dir() or (out / OWNER_MARKER).exists():
+        return
+    others = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+    if others:
+        raise DataError(f"{out}: not empty and not made by make_demo_dataset ({', '.join(others[:5])}); refusing "
+                        f"to generate the demo dataset there (only into an empty or absent folder). Check "
+                        f"data.root, or set data.demo=false to train on what is there")
+
+
 def _clear_previous(out: Path) -> None:
-    """Makes way for a new generation, only in a folder that is empty or was made by this generator: a data.root
-    with a typo must not turn into 90 MB of pictures next to somebody's files."""
-    if not (out / OWNER_MARKER).exists():
-        others = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
-        if others:
-            raise DataError(f"{out}: not empty and not made by make_demo_dataset ({', '.join(others[:5])}); refusing "
-                            f"to generate the demo dataset there (only into an empty or absent folder). Check "
-                            f"data.root, or set data.demo=false to train on what is there")
+    _refuse_foreign(out)
     for split in SPLITS:
         shutil.rmtree(out / split, ignore_errors=True)
     (out / COMPLETE_MARKER).unlink(missing_ok=True)
@@ -244,6 +249,8 @@ def make_demo_dataset(out: Path, params: DemoParams, workers: int = 2) -> Path:
     if params.train_per_class < 1 or params.val_per_class < 1:
         raise ValueError("train_per_class and val_per_class must be >= 1")
     out = Path(out)
+    if not _is_complete(out, params):
+        _refuse_foreign(out)
     out.mkdir(parents=True, exist_ok=True)
     # Ranks of a distributed demo may call this at once: one generates, the others wait and find it complete.
     with open(out / LOCK_FILE, "a") as lock:
