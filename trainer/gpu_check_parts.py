@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from data.bench import make_images
+from bench.loader import make_images
 from data.loader import build_loader
 from data.make_demo_dataset import DemoParams, make_demo_dataset
 from trainer import distributed

@@ -1,4 +1,4 @@
-"""`python -m trainer.bench`: the trainer's end-to-end images/s against a bare forward/backward/step loop.
+"""`python -m bench.trainer_overhead`: the trainer's end-to-end images/s against a bare forward/backward/step loop.
 
 Both run the same model, precision, batch and device on synthetic tensors, in this process, one after the other;
 the ratio shows what the trainer's bookkeeping (metrics, agreement on signals, checkpoint checks) costs.
@@ -76,7 +76,7 @@ def trainer_loop(model_name: str, precision: str, batch: int, size: int, steps: 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.trainer_overhead", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--image-size", type=int, default=56)

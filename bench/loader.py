@@ -1,7 +1,7 @@
 """Input pipeline throughput: images/s of each backend's train and val loaders on the same JPEGs and CPU threads.
 
-    python -m data.bench --make-images DIR --count 2000     # ImageNet-like JPEGs (about 500x375, quality 90)
-    python -m data.bench --root DIR [--json OUT] [--batches N] [--set prefetch=3 ...]
+    python -m bench.loader --make-images DIR --count 2000     # ImageNet-like JPEGs (about 500x375, quality 90)
+    python -m bench.loader --root DIR [--json OUT] [--batches N] [--set prefetch=3 ...]
 
 Each backend runs in its own subprocess (clean memory, its own worker processes), measured after one warm-up
 batch. The ceiling is the single-core full-decode rate (the faster of PIL and torchvision.io.decode_jpeg)
@@ -102,7 +102,7 @@ def decode_ceiling(root: str, threads: int, sample: int = 200) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.loader", description=__doc__.splitlines()[0])
     parser.add_argument("--root", help="dataset root with train/ and val/")
     parser.add_argument("--make-images", metavar="DIR", help="write ImageNet-like JPEGs to DIR and exit")
     parser.add_argument("--count", type=int, default=2000, help="train images to make (val gets a fifth)")
@@ -127,7 +127,7 @@ def main(argv=None):
 
     results = {}
     for variant in args.variants:
-        command = [sys.executable, "-m", "data.bench", "--root", args.root, "--variant", variant,
+        command = [sys.executable, "-m", "bench.loader", "--root", args.root, "--variant", variant,
                    "--batches", str(args.batches), "--batch-size", str(args.batch_size),
                    "--threads", str(args.threads), "--set", *args.set]
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
