@@ -13,4 +13,4 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
-exec "${PYTHON:-python3}" -m trainer.gpu_check "$@"
+exec "${PYTHON:-python3}" -m bench.gpu_check.run "$@"

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from trainer import gpu_check
+from bench.gpu_check import run as gpu_check
 
 CPU_PARTS = {"env", "images", "loader", "train_synthetic", "train_dali", "bf16", "resume"}
 CUDA_PARTS = {"fp16", "syncbn", "train_synthetic_compiled", "train_dali_compiled"}

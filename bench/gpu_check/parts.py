@@ -1,9 +1,9 @@
-"""The checks of `launch/gpu_check.sh`, one function each; `python -m trainer.gpu_check_parts --part NAME` runs one.
+"""The checks of `bench/gpu_check.sh`, one function each; `python -m bench.gpu_check.parts --part NAME` runs one.
 
-trainer.gpu_check starts every part in its own process with a time box, so that a CUDA fault or a stuck compile in
+bench.gpu_check.run starts every part in its own process with a time box, so that a CUDA fault or a stuck compile in
 one part cannot take the others down. A part returns its figures, or raises CheckFailed (with the figures it got).
 Everything goes through the project's own code: build_loader with DataConfig overrides, the real Trainer with the
-ResNet-50 preset, data.bench's JPEG generator, the demo dataset generator.
+ResNet-50 preset, bench.loader's JPEG generator, the demo dataset generator.
 """
 import argparse
 import itertools
@@ -36,7 +36,7 @@ from trainer.config import load_config
 from trainer.models import build_model
 from trainer.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PRESET = ROOT / "configs" / "resnet50_imagenet.yaml"
 # SyncBN against BN over the whole batch, in fp32: only the order of the sums differs.
 SYNCBN_TOLERANCE = 1e-4
@@ -217,7 +217,7 @@ def part_images(ctx: Context) -> dict:
         val += _link_tree(generated / f"w{k}" / "val", ctx.images / "val", f"w{k}", 1)
     make_demo_dataset(ctx.demo, s.demo, workers=workers)
     return {"train_images": train, "unique_train_images": workers * per_worker, "val_images": val,
-            "generator": "data.bench.make_images (about 500x375, quality 90)", "processes": workers,
+            "generator": "bench.loader.make_images (about 500x375, quality 90)", "processes": workers,
             "demo_dataset": {"classes": s.demo.classes, "train": s.demo.classes * s.demo.train_per_class}}
 
 
@@ -284,7 +284,7 @@ def _throughput(ctx: Context, backend: str, compiled: bool) -> dict:
     name = f"train_{backend}{'_compiled' if compiled else ''}"
     run_dir, _ = _run_trainer(ctx, name, *data, "model.num_classes=1000", f"train.max_steps={steps}",
                               f"monitor.every_steps={s.train_warmup}", f"train.compile={compiled}")
-    # One record per `train_warmup` steps; the first window (warm-up, compile) is left out, as in trainer.bench.
+    # One record per `train_warmup` steps; the first window (warm-up, compile) is left out, as in bench.trainer_overhead.
     train = _train_records(run_dir)
     windows = [(r["step"] - prev["step"], r) for prev, r in itertools.pairwise(train)]
     if not windows:
@@ -507,7 +507,7 @@ PARTS = {
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.gpu_check_parts", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check.parts", description=__doc__.splitlines()[0])
     parser.add_argument("--part", required=True, choices=list(PARTS))
     parser.add_argument("--mode", required=True, choices=("gpu", "cpu-smoke"))
     parser.add_argument("--work", required=True, type=Path)

@@ -1,4 +1,4 @@
-"""`launch/gpu_check.sh OUT_DIR`: everything one GPU machine should show, in one run of at most 5 minutes.
+"""`bench/gpu_check.sh OUT_DIR`: everything one GPU machine should show, in one run of at most 5 minutes.
 
 Environment; DALI's mixed-decode train pipeline alone at several hw_decoder_load values; ResNet-50 training
 images/s (the preset: batch 256, bf16, channels_last) on synthetic data and on the DALI loader, eager and under
@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The Python distributions behind each import, for the message when one is missing (no network on GPU machines).
 REQUIRED = {"torch": "torch", "torchvision": "torchvision", "nvidia.dali": "nvidia-dali-cuda130",
             "omegaconf": "omegaconf", "tqdm": "tqdm", "numpy": "numpy", "PIL": "pillow",
@@ -48,7 +48,7 @@ class Part:
 # Correctness first, the compiles last: if the budget runs out, only the slowest figures are lost.
 PARTS = (
     Part("env", 30, "GPU, driver, CUDA, cuDNN, NCCL, torch, DALI versions"),
-    Part("images", 45, "ImageNet-like JPEGs (data.bench's generator) hard-linked into a big split; demo set"),
+    Part("images", 45, "ImageNet-like JPEGs (bench.loader's generator) hard-linked into a big split; demo set"),
     Part("loader", 50, "DALI train pipeline alone, images/s per hw_decoder_load", needs_images=True),
     Part("train_synthetic", 45, "Trainer images/s on synthetic data (the model's ceiling)"),
     Part("train_dali", 45, "Trainer images/s on the DALI loader", needs_images=True),
@@ -78,7 +78,7 @@ def run_part(part: Part, mode: str, work: Path, log, box_s: float) -> dict:
     result_file.parent.mkdir(parents=True, exist_ok=True)
     log.write(f"\n===== {part.name}: {part.what} (time box {box_s:.0f} s) =====\n".encode())
     log.flush()
-    command = [sys.executable, "-m", "trainer.gpu_check_parts", "--part", part.name, "--mode", mode,
+    command = [sys.executable, "-m", "bench.gpu_check.parts", "--part", part.name, "--mode", mode,
                "--work", str(work), "--result", str(result_file)]
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -157,7 +157,7 @@ def markdown(report: dict) -> str:
     machine = (f"{env.get('gpu', 'no GPU')}, driver {env.get('driver', '-')}, {env.get('cpus')} CPUs; torch "
                f"{env.get('torch')}, DALI {env.get('dali')}")
     counts = report["counts"]
-    summary = (f"`launch/gpu_check.sh` ({report['mode']}), {report['started']}, {machine}: {counts['pass']} passed, "
+    summary = (f"`bench/gpu_check.sh` ({report['mode']}), {report['started']}, {machine}: {counts['pass']} passed, "
                f"{counts['fail']} failed, {counts['skipped']} skipped in {report['elapsed_s']:.0f} s")
     lines = [summary, "", "| part | status | s | result |", "|---|---|---:|---|"]
     for name, result in report["parts"].items():
@@ -172,7 +172,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="launch/gpu_check.sh", description=__doc__,
+    parser = argparse.ArgumentParser(prog="bench/gpu_check.sh", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", type=Path, help="gpu_check.json and gpu_check.log go here")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU; CUDA parts are skipped")
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
                   f"{headline(parts[part.name])}", flush=True)
 
     counts = {s: sum(p["status"] == s for p in parts.values()) for s in ("pass", "fail", "skipped")}
-    report = {"tool": "launch/gpu_check.sh", "mode": mode, "started": started,
+    report = {"tool": "bench/gpu_check.sh", "mode": mode, "started": started,
               "elapsed_s": round(args.budget_s - (deadline - time.monotonic()), 1), "budget_s": args.budget_s,
               "ok": counts["fail"] == 0, "counts": counts, "env": parts.get("env", {}), "parts": parts,
               "targets": targets(parts, mode), "missing_packages": missing}
