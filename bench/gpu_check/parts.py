@@ -3,7 +3,7 @@
 bench.gpu_check.run starts every part in its own process with a time box, so that a CUDA fault or a stuck compile in
 one part cannot take the others down. A part returns its figures, or raises CheckFailed (with the figures it got).
 Everything goes through the project's own code: build_loader with DataConfig overrides, the real Trainer with the
-ResNet-50 preset, bench.loader's JPEG generator, the demo dataset generator.
+ResNet-50 preset, bench.images' JPEG generator, the demo dataset generator.
 """
 import argparse
 import itertools
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from bench.loader import make_images
+from bench.images import make_images
 from data.loader import build_loader
 from data.make_demo_dataset import DemoParams, make_demo_dataset
 from trainer import distributed
@@ -217,7 +217,7 @@ def part_images(ctx: Context) -> dict:
         val += _link_tree(generated / f"w{k}" / "val", ctx.images / "val", f"w{k}", 1)
     make_demo_dataset(ctx.demo, s.demo, workers=workers)
     return {"train_images": train, "unique_train_images": workers * per_worker, "val_images": val,
-            "generator": "bench.loader.make_images (about 500x375, quality 90)", "processes": workers,
+            "generator": "bench.images.make_images (about 500x375, quality 90)", "processes": workers,
             "demo_dataset": {"classes": s.demo.classes, "train": s.demo.classes * s.demo.train_per_class}}
 
 

@@ -48,7 +48,7 @@ class Part:
 # Correctness first, the compiles last: if the budget runs out, only the slowest figures are lost.
 PARTS = (
     Part("env", 30, "GPU, driver, CUDA, cuDNN, NCCL, torch, DALI versions"),
-    Part("images", 45, "ImageNet-like JPEGs (bench.loader's generator) hard-linked into a big split; demo set"),
+    Part("images", 45, "ImageNet-like JPEGs (bench.images' generator) hard-linked into a big split; demo set"),
     Part("loader", 50, "DALI train pipeline alone, images/s per hw_decoder_load", needs_images=True),
     Part("train_synthetic", 45, "Trainer images/s on synthetic data (the model's ceiling)"),
     Part("train_dali", 45, "Trainer images/s on the DALI loader", needs_images=True),
