@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.throughput import throughput, train_records
 from trainer import distributed
 from trainer.config import load_config
 from trainer.models import build_model
@@ -68,11 +69,8 @@ def trainer_loop(model_name: str, precision: str, batch: int, size: int, steps: 
             "monitor.wandb=false", "monitor.progress=false", "checkpoint.every_steps=0"])
         with contextlib.redirect_stdout(sys.stderr):
             Trainer(cfg, distributed.init(cfg.distributed)).train()
-        records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    # Train records come every `warmup` steps (and at the last); each reports its window's mean step time.
-    train = [r for r in records if r["split"] == "train"]
-    windows = [(r["step"] - prev["step"], r["step_time_s"]) for prev, r in zip(train, train[1:])]
-    return batch * sum(n for n, _ in windows) / sum(n * t for n, t in windows)
+        # A train record every `warmup` steps: the first window is the warm-up, left out.
+        return throughput(train_records(run_dir), batch).img_per_s
 
 
 def main(argv=None) -> int:

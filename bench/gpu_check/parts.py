@@ -6,7 +6,6 @@ Everything goes through the project's own code: build_loader with DataConfig ove
 ResNet-50 preset, bench.images' JPEG generator, the demo dataset generator.
 """
 import argparse
-import itertools
 import json
 import math
 import os
@@ -29,6 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from bench.images import make_images
+from bench.throughput import throughput, train_records
 from data.loader import build_loader
 from data.make_demo_dataset import DemoParams, make_demo_dataset
 from trainer import distributed
@@ -143,11 +143,6 @@ def _run_trainer(ctx: Context, name: str, *overrides: str) -> tuple:
     if code != 0:
         raise CheckFailed(f"the trainer exited {code}")
     return run_dir, start
-
-
-def _train_records(run_dir: Path) -> list:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == "train"]
 
 
 def _sync(device: torch.device) -> None:
@@ -284,17 +279,12 @@ def _throughput(ctx: Context, backend: str, compiled: bool) -> dict:
     name = f"train_{backend}{'_compiled' if compiled else ''}"
     run_dir, _ = _run_trainer(ctx, name, *data, "model.num_classes=1000", f"train.max_steps={steps}",
                               f"monitor.every_steps={s.train_warmup}", f"train.compile={compiled}")
-    # One record per `train_warmup` steps; the first window (warm-up, compile) is left out, as in bench.trainer_overhead.
-    train = _train_records(run_dir)
-    windows = [(r["step"] - prev["step"], r) for prev, r in itertools.pairwise(train)]
-    if not windows:
-        raise CheckFailed("the run logged no window after the warm-up")
-    measured = sum(n for n, _ in windows)
-    seconds = sum(n * r["step_time_s"] for n, r in windows)
+    # One record per `train_warmup` steps; the first window (warm-up, compile) is left out.
+    train = train_records(run_dir)
+    rate = throughput(train, s.batch)
     figures = {"backend": backend, "compile": compiled, "model": s.model, "batch": s.batch,
-               "precision": "bf16", "channels_last": True, "measured_steps": measured,
-               "img_per_s": s.batch * measured / seconds,
-               "data_wait": sum(n * r["step_time_s"] * r["data_wait"] for n, r in windows) / seconds,
+               "precision": "bf16", "channels_last": True, "measured_steps": rate.steps,
+               "img_per_s": rate.img_per_s, "data_wait": rate.data_wait,
                "max_mem_mb": train[-1]["max_mem_mb"], "final_loss": train[-1]["loss"]}
     if not math.isfinite(figures["final_loss"]):
         raise CheckFailed("non-finite training loss", **figures)
@@ -334,7 +324,7 @@ def _short_run(ctx: Context, precision: str) -> dict:
         f"train.precision={precision}", f"train.max_steps={s.short_steps}", "train.label_smoothing=0",
         "schedule.name=constant", "schedule.warmup_epochs=0", f"optim.lr={s.short_lr}", "monitor.every_steps=1",
         "model.num_classes=1000")
-    losses = [r["loss"] for r in _train_records(run_dir)]
+    losses = [r["loss"] for r in train_records(run_dir)]
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     figures = {"model": s.model, "precision": precision, "steps": len(losses), "batch": s.short_batch,
                "loss_first3": first, "loss_last3": last, "losses": [round(x, 4) for x in losses]}
@@ -483,7 +473,7 @@ def part_resume(ctx: Context) -> dict:
     a, b = (torch.load(d / name, weights_only=True) for d in (straight, split))
     keys = ("model", "optimizer", "scheduler", "step", "epoch")
     differences = _differences({k: a[k] for k in keys}, {k: b[k] for k in keys})
-    loss_a, loss_b = ([r["loss"] for r in _train_records(d)] for d in (straight, split))
+    loss_a, loss_b = ([r["loss"] for r in train_records(d)] for d in (straight, split))
     figures = {"model": s.model, "steps": n, "resumed_at": resumed_at, "batch": s.resume_batch,
                "device": str(ctx.device), "decoder": "mixed" if ctx.device.type == "cuda" else "cpu",
                "tensors_compared": sum(isinstance(t, torch.Tensor) for t in a["model"].values())
