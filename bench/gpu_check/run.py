@@ -41,23 +41,36 @@ class Part:
     box_s: float
     """Most seconds it may take on a GPU machine; it is killed after that (or when the whole budget is spent)."""
     what: str
+    check: str
+    """`module:function` that runs it: takes a bench.gpu_check.context.Context, returns the part's figures or raises
+    CheckFailed. Named, not imported: this module imports only the standard library."""
     needs_cuda: bool = False
     needs_images: bool = False
 
 
 # Correctness first, the compiles last: if the budget runs out, only the slowest figures are lost.
 PARTS = (
-    Part("env", 30, "GPU, driver, CUDA, cuDNN, NCCL, torch, DALI versions"),
-    Part("images", 45, "ImageNet-like JPEGs (bench.images' generator) hard-linked into a big split; demo set"),
-    Part("loader", 50, "DALI train pipeline alone, images/s per hw_decoder_load", needs_images=True),
-    Part("train_synthetic", 45, "Trainer images/s on synthetic data (the model's ceiling)"),
-    Part("train_dali", 45, "Trainer images/s on the DALI loader", needs_images=True),
-    Part("fp16", 40, "fp16 + GradScaler run on the demo set: the loss must come down", True, True),
-    Part("bf16", 40, "bf16 run on the demo set: the loss must come down", needs_images=True),
-    Part("syncbn", 45, "SyncBatchNorm on 2 ranks vs BatchNorm on the whole batch; NCCL DDP + SyncBN step", True),
-    Part("resume", 60, "N steps vs N/2 + resume + N/2, compared bitwise", needs_images=True),
-    Part("train_synthetic_compiled", 120, "as train_synthetic, under torch.compile", True),
-    Part("train_dali_compiled", 90, "as train_dali, under torch.compile", True, True),
+    Part("env", 30, "GPU, driver, CUDA, cuDNN, NCCL, torch, DALI versions", "bench.gpu_check.env:check_env"),
+    Part("images", 45, "ImageNet-like JPEGs (bench.images' generator) hard-linked into a big split; demo set",
+         "bench.gpu_check.images:check_images"),
+    Part("loader", 50, "DALI train pipeline alone, images/s per hw_decoder_load",
+         "bench.gpu_check.throughput:check_loader", needs_images=True),
+    Part("train_synthetic", 45, "Trainer images/s on synthetic data (the model's ceiling)",
+         "bench.gpu_check.throughput:check_train_synthetic"),
+    Part("train_dali", 45, "Trainer images/s on the DALI loader",
+         "bench.gpu_check.throughput:check_train_dali", needs_images=True),
+    Part("fp16", 40, "fp16 + GradScaler run on the demo set: the loss must come down",
+         "bench.gpu_check.numerics:check_fp16", needs_cuda=True, needs_images=True),
+    Part("bf16", 40, "bf16 run on the demo set: the loss must come down",
+         "bench.gpu_check.numerics:check_bf16", needs_images=True),
+    Part("syncbn", 45, "SyncBatchNorm on 2 ranks vs BatchNorm on the whole batch; NCCL DDP + SyncBN step",
+         "bench.gpu_check.numerics:check_syncbn", needs_cuda=True),
+    Part("resume", 60, "N steps vs N/2 + resume + N/2, compared bitwise",
+         "bench.gpu_check.resume:check_resume", needs_images=True),
+    Part("train_synthetic_compiled", 120, "as train_synthetic, under torch.compile",
+         "bench.gpu_check.throughput:check_train_synthetic_compiled", needs_cuda=True),
+    Part("train_dali_compiled", 90, "as train_dali, under torch.compile",
+         "bench.gpu_check.throughput:check_train_dali_compiled", needs_cuda=True, needs_images=True),
 )
 
 
@@ -78,7 +91,7 @@ def run_part(part: Part, mode: str, work: Path, log, box_s: float) -> dict:
     result_file.parent.mkdir(parents=True, exist_ok=True)
     log.write(f"\n===== {part.name}: {part.what} (time box {box_s:.0f} s) =====\n".encode())
     log.flush()
-    command = [sys.executable, "-m", "bench.gpu_check.parts", "--part", part.name, "--mode", mode,
+    command = [sys.executable, "-m", "bench.gpu_check.part", "--part", part.name, "--mode", mode,
                "--work", str(work), "--result", str(result_file)]
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

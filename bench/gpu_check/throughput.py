@@ -1,0 +1,104 @@
+"""Parts loader and train_*: images/s of DALI's train pipeline alone, and of the real Trainer on synthetic data and
+on the DALI loader, eager and under torch.compile."""
+import math
+import time
+from dataclasses import replace
+
+import torch
+
+from bench.gpu_check.context import (
+    CheckFailed,
+    Context,
+    preset_config,
+    run_trainer,
+    sync,
+)
+from bench.throughput import throughput, train_records
+from data.loader import build_loader
+
+
+def _batch_problems(images: torch.Tensor, labels: torch.Tensor, cfg, batch: int, device: torch.device,
+                    classes: int) -> list:
+    problems = []
+    shape = (batch, 3, cfg.image_size, cfg.image_size)
+    if tuple(images.shape) != shape:
+        problems.append(f"images of shape {tuple(images.shape)}, expected {shape}")
+    if images.dtype != getattr(torch, cfg.dtype):
+        problems.append(f"images of dtype {images.dtype}, expected {cfg.dtype}")
+    if images.device.type != device.type or labels.device.type != device.type:
+        problems.append(f"batch on {images.device}/{labels.device}, expected {device}")
+    if cfg.layout == "NHWC" and not images.is_contiguous(memory_format=torch.channels_last):
+        problems.append("NHWC images are not channels_last")
+    if labels.dtype != torch.int64 or int(labels.min()) < 0 or int(labels.max()) >= classes:
+        problems.append(f"labels of dtype {labels.dtype} in [{int(labels.min())}, {int(labels.max())}]")
+    if not torch.isfinite(images.float()).all():
+        problems.append("non-finite pixels")
+    return problems
+
+
+def _loader_rate(data_cfg, batch: int, device: torch.device, warmup: int, batches: int) -> dict:
+    loader = build_loader(data_cfg, "train", batch_size=batch, rank=0, world_size=1, device=device, seed=0)
+    measured = min(batches, len(loader) - warmup)
+    if measured < 1:
+        raise CheckFailed(f"the train split has {len(loader)} batches, fewer than {warmup + 1}")
+    source = iter(loader)
+    for _ in range(warmup):
+        images, labels = next(source)
+    problems = _batch_problems(images, labels, data_cfg, batch, device, len(loader.classes))
+    if problems:
+        raise CheckFailed("bad batch from the loader: " + "; ".join(problems))
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(measured):
+        images, labels = next(source)
+    sync(device)
+    return {"img_per_s": batch * measured / (time.perf_counter() - start), "batches": measured}
+
+
+def check_loader(ctx: Context) -> dict:
+    """DALI's train pipeline alone (the preset's settings: NHWC, bfloat16, its crop), as the trainer builds it."""
+    s = ctx.sizes
+    data_cfg = preset_config(ctx, f"data.root={ctx.images}").data
+    runs = []
+    for load in (s.hw_decoder_loads if ctx.device.type == "cuda" else (None,)):
+        cfg = data_cfg if load is None else replace(data_cfg, hw_decoder_load=load)
+        rate = _loader_rate(cfg, s.batch, ctx.device, s.loader_warmup, s.loader_batches)
+        runs.append({"decoder": "mixed" if load is not None else "cpu", "hw_decoder_load": load, **rate})
+    return {"batch": s.batch, "threads": data_cfg.num_threads, "layout": data_cfg.layout, "dtype": data_cfg.dtype,
+            "image_size": data_cfg.image_size, "default_hw_decoder_load": data_cfg.hw_decoder_load, "runs": runs}
+
+
+def _trainer_rate(ctx: Context, backend: str, compiled: bool) -> dict:
+    s = ctx.sizes
+    steps = s.train_warmup + s.train_steps
+    data = (["data.backend=synthetic", f"data.synthetic_samples={s.batch * steps}"] if backend == "synthetic"
+            else [f"data.root={ctx.images}"])
+    name = f"train_{backend}{'_compiled' if compiled else ''}"
+    run_dir, _ = run_trainer(ctx, name, *data, "model.num_classes=1000", f"train.max_steps={steps}",
+                             f"monitor.every_steps={s.train_warmup}", f"train.compile={compiled}")
+    # One record per `train_warmup` steps; the first window (warm-up, compile) is left out.
+    train = train_records(run_dir)
+    rate = throughput(train, s.batch)
+    figures = {"backend": backend, "compile": compiled, "model": s.model, "batch": s.batch,
+               "precision": "bf16", "channels_last": True, "measured_steps": rate.steps,
+               "img_per_s": rate.img_per_s, "data_wait": rate.data_wait,
+               "max_mem_mb": train[-1]["max_mem_mb"], "final_loss": train[-1]["loss"]}
+    if not math.isfinite(figures["final_loss"]):
+        raise CheckFailed("non-finite training loss", **figures)
+    return figures
+
+
+def check_train_synthetic(ctx: Context) -> dict:
+    return _trainer_rate(ctx, "synthetic", compiled=False)
+
+
+def check_train_dali(ctx: Context) -> dict:
+    return _trainer_rate(ctx, "dali", compiled=False)
+
+
+def check_train_synthetic_compiled(ctx: Context) -> dict:
+    return _trainer_rate(ctx, "synthetic", compiled=True)
+
+
+def check_train_dali_compiled(ctx: Context) -> dict:
+    return _trainer_rate(ctx, "dali", compiled=True)
