@@ -1,5 +1,5 @@
 """What every part of the GPU check gets: the mode's sizes, the scratch folder, the ResNet-50 preset and the real
-Trainer; and how a part reports a failure (CheckFailed, with the figures it got)."""
+Trainer; and what a part gives back: Passed (its figures and headline), or CheckFailed (with the figures it got)."""
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +13,14 @@ from trainer.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESET = ROOT / "configs" / "resnet50_imagenet.yaml"
+
+
+@dataclass(frozen=True)
+class Passed:
+    headline: str
+    """One line that sums the figures up, for the console and gpu_check.md."""
+    figures: dict
+    """Everything measured, for gpu_check.json."""
 
 
 class CheckFailed(Exception):

@@ -5,7 +5,7 @@ import subprocess
 
 import torch
 
-from bench.gpu_check.context import CheckFailed, Context
+from bench.gpu_check.context import CheckFailed, Context, Passed
 
 
 def _driver_version() -> str:
@@ -17,7 +17,7 @@ def _driver_version() -> str:
         return "unknown (no nvidia-smi)"
 
 
-def check_env(ctx: Context) -> dict:
+def check_env(ctx: Context) -> Passed:
     import nvidia.dali
     import torchvision
 
@@ -34,4 +34,6 @@ def check_env(ctx: Context) -> dict:
                    nccl=".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl))
     if ctx.mode == "gpu" and not torch.cuda.is_available():
         raise CheckFailed("no CUDA device is visible to torch; on a machine without a GPU run --cpu-smoke", **env)
-    return env
+    if "gpu" in env:
+        return Passed(f"{env['gpu']}, driver {env['driver']}, torch {env['torch']}, DALI {env['dali']}", env)
+    return Passed(f"no GPU; torch {env['torch']}, DALI {env['dali']}", env)

@@ -6,7 +6,7 @@ import shutil
 from multiprocessing import Pool
 from pathlib import Path
 
-from bench.gpu_check.context import Context
+from bench.gpu_check.context import Context, Passed
 from bench.images import make_images
 from data.make_demo_dataset import make_demo_dataset
 
@@ -27,7 +27,7 @@ def _link_tree(source: Path, target: Path, prefix: str, copies: int) -> int:
     return count
 
 
-def check_images(ctx: Context) -> dict:
+def check_images(ctx: Context) -> Passed:
     s = ctx.sizes
     workers = max(1, min(8, s.threads))
     per_worker = math.ceil(s.unique_images / workers)
@@ -39,6 +39,7 @@ def check_images(ctx: Context) -> dict:
         train += _link_tree(generated / f"w{k}" / "train", ctx.images / "train", f"w{k}", s.copies)
         val += _link_tree(generated / f"w{k}" / "val", ctx.images / "val", f"w{k}", 1)
     make_demo_dataset(ctx.demo, s.demo, workers=workers)
-    return {"train_images": train, "unique_train_images": workers * per_worker, "val_images": val,
-            "generator": "bench.images.make_images (about 500x375, quality 90)", "processes": workers,
-            "demo_dataset": {"classes": s.demo.classes, "train": s.demo.classes * s.demo.train_per_class}}
+    return Passed(f"{train} train / {val} val JPEGs", {
+        "train_images": train, "unique_train_images": workers * per_worker, "val_images": val,
+        "generator": "bench.images.make_images (about 500x375, quality 90)", "processes": workers,
+        "demo_dataset": {"classes": s.demo.classes, "train": s.demo.classes * s.demo.train_per_class}})

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from bench.gpu_check.context import CheckFailed, Context, run_trainer
+from bench.gpu_check.context import CheckFailed, Context, Passed, run_trainer
 from bench.throughput import train_records
 from trainer.models import build_model
 
@@ -20,7 +20,7 @@ from trainer.models import build_model
 SYNCBN_TOLERANCE = 1e-4
 
 
-def _short_run(ctx: Context, precision: str) -> dict:
+def _short_run(ctx: Context, precision: str) -> Passed:
     """A few passes over the small demo set with a 1000-way head: the loss must come down from about ln(1000).
 
     The first thing SGD learns is that only the demo's few classes occur, so a working optimizer step (with the
@@ -47,14 +47,14 @@ def _short_run(ctx: Context, precision: str) -> dict:
     if not last < first:
         raise CheckFailed(f"the loss did not come down: {first:.4f} over the first 3 steps, {last:.4f} "
                           f"over the last 3", **figures)
-    return figures
+    return Passed(f"loss {first:.3f} -> {last:.3f} over {len(losses)} steps", figures)
 
 
-def check_fp16(ctx: Context) -> dict:
+def check_fp16(ctx: Context) -> Passed:
     return _short_run(ctx, "fp16")
 
 
-def check_bf16(ctx: Context) -> dict:
+def check_bf16(ctx: Context) -> Passed:
     return _short_run(ctx, "bf16")
 
 
@@ -123,7 +123,7 @@ def _ddp_syncbn_step(ctx: Context) -> dict:
         dist.destroy_process_group()
 
 
-def check_syncbn(ctx: Context) -> dict:
+def check_syncbn(ctx: Context) -> Passed:
     # PyTorch's SyncBatchNorm falls back to plain BN when the group has one rank, so the synchronizing kernels
     # run only with two ranks. NCCL refuses two ranks on one GPU; gloo moves the CUDA tensors instead.
     out_dir = ctx.work / "syncbn"
@@ -140,4 +140,4 @@ def check_syncbn(ctx: Context) -> dict:
     step = figures["one_rank_nccl_ddp_step"]
     if not (math.isfinite(step["loss"]) and step["grads_finite"] and step["syncbn_layers"] > 0):
         raise CheckFailed("the NCCL DDP step with SyncBatchNorm gave non-finite values", **figures)
-    return figures
+    return Passed(f"max relative error {max(worst.values()):.1e}", figures)

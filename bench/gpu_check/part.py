@@ -1,8 +1,8 @@
 """`python -m bench.gpu_check.part --part NAME ...`: one part of the GPU check in this process, its result as JSON.
 
 bench.gpu_check.run starts every part this way, in its own process with a time box, so that a CUDA fault or a stuck
-compile in one part cannot take the others down. A part returns its figures, or raises CheckFailed (with the
-figures it got); any other exception is its failure too, with the traceback in the log.
+compile in one part cannot take the others down. A part returns Passed (its figures and headline), or raises
+CheckFailed (with the figures it got); any other exception is its failure too, with the traceback in the log.
 """
 import argparse
 import importlib
@@ -28,7 +28,8 @@ def main(argv=None) -> int:
     try:
         module, function = parts[args.part].check.split(":")
         check = getattr(importlib.import_module(module), function)
-        result = {"status": "pass", **check(Context(args.mode, args.work))}
+        passed = check(Context(args.mode, args.work))
+        result = {"status": "pass", "headline": passed.headline, **passed.figures}
     except CheckFailed as e:
         result = {"status": "fail", "reason": str(e), **e.figures}
     except Exception as e:  # noqa: BLE001 - any error is this part's failure, reported with its traceback in the log

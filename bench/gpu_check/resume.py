@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from bench.gpu_check.context import CheckFailed, Context, run_trainer
+from bench.gpu_check.context import CheckFailed, Context, Passed, run_trainer
 from bench.throughput import train_records
 
 
@@ -29,7 +29,7 @@ def _differences(a, b, path: str = "") -> list:
     return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 
 
-def check_resume(ctx: Context) -> dict:
+def check_resume(ctx: Context) -> Passed:
     """N steps straight vs N/2, a new Trainer resuming from the checkpoint, N/2 more: the same bits."""
     # Deterministic kernels: cuDNN without autotuning and atomics, cuBLAS with a fixed workspace.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -57,4 +57,4 @@ def check_resume(ctx: Context) -> dict:
     if differences or loss_a != loss_b:
         raise CheckFailed(f"the resumed run differs from the straight one: {len(differences)} entries differ, "
                           f"train losses {'equal' if loss_a == loss_b else 'differ'}", **figures)
-    return figures
+    return Passed(f"bitwise equal after resuming at step {resumed_at} of {n}", figures)

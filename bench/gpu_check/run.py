@@ -42,8 +42,8 @@ class Part:
     """Most seconds it may take on a GPU machine; it is killed after that (or when the whole budget is spent)."""
     what: str
     check: str
-    """`module:function` that runs it: takes a bench.gpu_check.context.Context, returns the part's figures or raises
-    CheckFailed. Named, not imported: this module imports only the standard library."""
+    """`module:function` that runs it: takes a bench.gpu_check.context.Context, returns Passed (figures and headline)
+    or raises CheckFailed. Named, not imported: this module imports only the standard library."""
     needs_cuda: bool = False
     needs_images: bool = False
 
@@ -142,26 +142,8 @@ def targets(parts: dict, mode: str) -> dict:
 
 
 def headline(result: dict) -> str:
-    if result["status"] != "pass":
-        return result.get("reason", "")
-    if "img_per_s" in result:
-        return f"{result['img_per_s']:.1f} img/s (data wait {result['data_wait']:.0%})"
-    if "runs" in result:
-        return ", ".join(f"{r['decoder']}{'' if r['hw_decoder_load'] is None else ' hw ' + str(r['hw_decoder_load'])}: "
-                         f"{r['img_per_s']:.0f} img/s" for r in result["runs"])
-    if "loss_first3" in result:
-        return f"loss {result['loss_first3']:.3f} -> {result['loss_last3']:.3f} over {result['steps']} steps"
-    if "differences" in result:
-        return f"bitwise equal after resuming at step {result['resumed_at']} of {result['steps']}"
-    if "two_ranks_gloo_max_relative_error" in result:
-        return f"max relative error {max(result['two_ranks_gloo_max_relative_error'].values()):.1e}"
-    if "gpu" in result:
-        return f"{result['gpu']}, driver {result['driver']}, torch {result['torch']}, DALI {result['dali']}"
-    if "torch" in result:
-        return f"no GPU; torch {result['torch']}, DALI {result['dali']}"
-    if "train_images" in result:
-        return f"{result['train_images']} train / {result['val_images']} val JPEGs"
-    return ""
+    """The part's own summary line if it passed, else why not."""
+    return result["headline"] if result["status"] == "pass" else result.get("reason", "")
 
 
 def markdown(report: dict) -> str:

@@ -9,6 +9,7 @@ import torch
 from bench.gpu_check.context import (
     CheckFailed,
     Context,
+    Passed,
     preset_config,
     run_trainer,
     sync,
@@ -55,7 +56,7 @@ def _loader_rate(data_cfg, batch: int, device: torch.device, warmup: int, batche
     return {"img_per_s": batch * measured / (time.perf_counter() - start), "batches": measured}
 
 
-def check_loader(ctx: Context) -> dict:
+def check_loader(ctx: Context) -> Passed:
     """DALI's train pipeline alone (the preset's settings: NHWC, bfloat16, its crop), as the trainer builds it."""
     s = ctx.sizes
     data_cfg = preset_config(ctx, f"data.root={ctx.images}").data
@@ -64,11 +65,14 @@ def check_loader(ctx: Context) -> dict:
         cfg = data_cfg if load is None else replace(data_cfg, hw_decoder_load=load)
         rate = _loader_rate(cfg, s.batch, ctx.device, s.loader_warmup, s.loader_batches)
         runs.append({"decoder": "mixed" if load is not None else "cpu", "hw_decoder_load": load, **rate})
-    return {"batch": s.batch, "threads": data_cfg.num_threads, "layout": data_cfg.layout, "dtype": data_cfg.dtype,
-            "image_size": data_cfg.image_size, "default_hw_decoder_load": data_cfg.hw_decoder_load, "runs": runs}
+    rates = ", ".join(f"{r['decoder']}{'' if r['hw_decoder_load'] is None else ' hw ' + str(r['hw_decoder_load'])}: "
+                      f"{r['img_per_s']:.0f} img/s" for r in runs)
+    return Passed(rates, {
+        "batch": s.batch, "threads": data_cfg.num_threads, "layout": data_cfg.layout, "dtype": data_cfg.dtype,
+        "image_size": data_cfg.image_size, "default_hw_decoder_load": data_cfg.hw_decoder_load, "runs": runs})
 
 
-def _trainer_rate(ctx: Context, backend: str, compiled: bool) -> dict:
+def _trainer_rate(ctx: Context, backend: str, compiled: bool) -> Passed:
     s = ctx.sizes
     steps = s.train_warmup + s.train_steps
     data = (["data.backend=synthetic", f"data.synthetic_samples={s.batch * steps}"] if backend == "synthetic"
@@ -85,20 +89,20 @@ def _trainer_rate(ctx: Context, backend: str, compiled: bool) -> dict:
                "max_mem_mb": train[-1]["max_mem_mb"], "final_loss": train[-1]["loss"]}
     if not math.isfinite(figures["final_loss"]):
         raise CheckFailed("non-finite training loss", **figures)
-    return figures
+    return Passed(f"{rate.img_per_s:.1f} img/s (data wait {rate.data_wait:.0%})", figures)
 
 
-def check_train_synthetic(ctx: Context) -> dict:
+def check_train_synthetic(ctx: Context) -> Passed:
     return _trainer_rate(ctx, "synthetic", compiled=False)
 
 
-def check_train_dali(ctx: Context) -> dict:
+def check_train_dali(ctx: Context) -> Passed:
     return _trainer_rate(ctx, "dali", compiled=False)
 
 
-def check_train_synthetic_compiled(ctx: Context) -> dict:
+def check_train_synthetic_compiled(ctx: Context) -> Passed:
     return _trainer_rate(ctx, "synthetic", compiled=True)
 
 
-def check_train_dali_compiled(ctx: Context) -> dict:
+def check_train_dali_compiled(ctx: Context) -> Passed:
     return _trainer_rate(ctx, "dali", compiled=True)
