@@ -63,10 +63,10 @@ def trainer_loop(model_name: str, precision: str, batch: int, size: int, steps: 
         cfg = load_config(None, [
             f"run.dir={run_dir}", f"model.name={model_name}", "data.backend=synthetic",
             f"data.num_classes={num_classes}", f"data.image_size={size}", f"data.val_resize={size}",
-            f"data.synthetic_samples={batch * (steps + warmup)}", f"data.layout={'NHWC' if channels_last else 'NCHW'}",
-            f"train.batch_size={batch}", f"train.precision={precision}", f"train.channels_last={channels_last}",
-            "train.epochs=1", f"monitor.every_steps={max(warmup, 1)}",
-            "monitor.wandb=false", "monitor.progress=false", "checkpoint.every_steps=0"])
+            f"data.synthetic_samples={batch * (steps + warmup)}", f"train.batch_size={batch}",
+            f"train.precision={precision}", f"train.channels_last={channels_last}", "train.epochs=1",
+            f"monitor.every_steps={max(warmup, 1)}", "monitor.wandb=false", "monitor.progress=false",
+            "checkpoint.every_steps=0"])
         with contextlib.redirect_stdout(sys.stderr):
             Trainer(cfg, distributed.init(cfg.distributed)).train()
         # A train record every `warmup` steps: the first window is the warm-up, left out.

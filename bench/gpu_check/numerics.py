@@ -30,8 +30,7 @@ def _short_run(ctx: Context, precision: str) -> Passed:
     size = s.short_image_size
     run_dir, _ = run_trainer(
         ctx, f"short_{precision}", f"data.root={ctx.demo}", f"data.image_size={size}",
-        f"data.val_resize={size * 8 // 7}", "data.crop_area=[0.25,1.0]",
-        f"data.dtype={'float16' if precision == 'fp16' else 'bfloat16'}", f"train.batch_size={s.short_batch}",
+        f"data.val_resize={size * 8 // 7}", "data.crop_area=[0.25,1.0]", f"train.batch_size={s.short_batch}",
         f"train.precision={precision}", f"train.max_steps={s.short_steps}", "train.label_smoothing=0",
         "schedule.name=constant", "schedule.warmup_epochs=0", f"optim.lr={s.short_lr}", "monitor.every_steps=1",
         "model.num_classes=1000")

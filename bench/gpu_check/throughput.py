@@ -16,20 +16,20 @@ from bench.gpu_check.context import (
 )
 from bench.throughput import throughput, train_records
 from data.loader import build_loader
+from trainer.trainer import AUTOCAST
 
 
-def _batch_problems(images: torch.Tensor, labels: torch.Tensor, cfg, batch: int, device: torch.device,
-                    classes: int) -> list:
+def _batch_problems(images: torch.Tensor, labels: torch.Tensor, shape: tuple, channels_last: bool,
+                    dtype: torch.dtype, device: torch.device, classes: int) -> list:
     problems = []
-    shape = (batch, 3, cfg.image_size, cfg.image_size)
     if tuple(images.shape) != shape:
         problems.append(f"images of shape {tuple(images.shape)}, expected {shape}")
-    if images.dtype != getattr(torch, cfg.dtype):
-        problems.append(f"images of dtype {images.dtype}, expected {cfg.dtype}")
+    if images.dtype != dtype:
+        problems.append(f"images of dtype {images.dtype}, expected {dtype}")
     if images.device.type != device.type or labels.device.type != device.type:
         problems.append(f"batch on {images.device}/{labels.device}, expected {device}")
-    if cfg.layout == "NHWC" and not images.is_contiguous(memory_format=torch.channels_last):
-        problems.append("NHWC images are not channels_last")
+    if channels_last and not images.is_contiguous(memory_format=torch.channels_last):
+        problems.append("images are not channels_last")
     if labels.dtype != torch.int64 or int(labels.min()) < 0 or int(labels.max()) >= classes:
         problems.append(f"labels of dtype {labels.dtype} in [{int(labels.min())}, {int(labels.max())}]")
     if not torch.isfinite(images.float()).all():
@@ -37,15 +37,18 @@ def _batch_problems(images: torch.Tensor, labels: torch.Tensor, cfg, batch: int,
     return problems
 
 
-def _loader_rate(data_cfg, batch: int, device: torch.device, warmup: int, batches: int) -> dict:
-    loader = build_loader(data_cfg, "train", batch_size=batch, rank=0, world_size=1, device=device, seed=0)
+def _loader_rate(data_cfg, batch: int, device: torch.device, warmup: int, batches: int, *, channels_last: bool,
+                 dtype: torch.dtype) -> dict:
+    loader = build_loader(data_cfg, "train", batch_size=batch, rank=0, world_size=1, device=device, seed=0,
+                          channels_last=channels_last, dtype=dtype)
     measured = min(batches, len(loader) - warmup)
     if measured < 1:
         raise CheckFailed(f"the train split has {len(loader)} batches, fewer than {warmup + 1}")
     source = iter(loader)
     for _ in range(warmup):
         images, labels = next(source)
-    problems = _batch_problems(images, labels, data_cfg, batch, device, len(loader.classes))
+    shape = (batch, 3, data_cfg.image_size, data_cfg.image_size)
+    problems = _batch_problems(images, labels, shape, channels_last, dtype, device, len(loader.classes))
     if problems:
         raise CheckFailed("bad batch from the loader: " + "; ".join(problems))
     sync(device)
@@ -57,19 +60,23 @@ def _loader_rate(data_cfg, batch: int, device: torch.device, warmup: int, batche
 
 
 def check_loader(ctx: Context) -> Passed:
-    """DALI's train pipeline alone (the preset's settings: NHWC, bfloat16, its crop), as the trainer builds it."""
+    """DALI's train pipeline alone, as the trainer builds it from the preset (channels_last, bf16, its crop)."""
     s = ctx.sizes
-    data_cfg = preset_config(ctx, f"data.root={ctx.images}").data
+    cfg = preset_config(ctx, f"data.root={ctx.images}")
+    # The trainer's loader delivers batches in the model's memory format and precision.
+    channels_last, dtype = cfg.train.channels_last, AUTOCAST[cfg.train.precision] or torch.float32
     runs = []
     for load in (s.hw_decoder_loads if ctx.device.type == "cuda" else (None,)):
-        cfg = data_cfg if load is None else replace(data_cfg, hw_decoder_load=load)
-        rate = _loader_rate(cfg, s.batch, ctx.device, s.loader_warmup, s.loader_batches)
+        data_cfg = cfg.data if load is None else replace(cfg.data, hw_decoder_load=load)
+        rate = _loader_rate(data_cfg, s.batch, ctx.device, s.loader_warmup, s.loader_batches,
+                            channels_last=channels_last, dtype=dtype)
         runs.append({"decoder": "mixed" if load is not None else "cpu", "hw_decoder_load": load, **rate})
     rates = ", ".join(f"{r['decoder']}{'' if r['hw_decoder_load'] is None else ' hw ' + str(r['hw_decoder_load'])}: "
                       f"{r['img_per_s']:.0f} img/s" for r in runs)
     return Passed(rates, {
-        "batch": s.batch, "threads": data_cfg.num_threads, "layout": data_cfg.layout, "dtype": data_cfg.dtype,
-        "image_size": data_cfg.image_size, "default_hw_decoder_load": data_cfg.hw_decoder_load, "runs": runs})
+        "batch": s.batch, "threads": cfg.data.num_threads, "channels_last": channels_last,
+        "dtype": str(dtype).removeprefix("torch."), "image_size": cfg.data.image_size,
+        "default_hw_decoder_load": cfg.data.hw_decoder_load, "runs": runs})
 
 
 def _trainer_rate(ctx: Context, backend: str, compiled: bool) -> Passed:
