@@ -35,7 +35,8 @@ def plot(report: dict, out: str, title: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.plot_loader", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.plot_loader", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("json", help="bench.loader --json output")
     parser.add_argument("png", help="image to write")
     parser.add_argument("--title", default="", help="plot title (default: threads and batch)")

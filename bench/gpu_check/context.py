@@ -104,28 +104,21 @@ class Context:
     def demo(self) -> Path:
         return self.work / "demo"
 
+    def config(self, *overrides: str):
+        """The ResNet-50 preset at this mode's sizes, without W&B, with the overrides last."""
+        s = self.sizes
+        return load_config(PRESET, [
+            f"model.name={s.model}", f"data.image_size={s.image_size}", f"data.val_resize={s.image_size * 8 // 7}",
+            f"data.num_threads={s.threads}", f"train.batch_size={s.batch}", "monitor.wandb=false",
+            "monitor.progress=false", "checkpoint.every_steps=0", "checkpoint.keep=1", *overrides])
 
-def preset_config(ctx: Context, *overrides: str):
-    """The ResNet-50 preset at this mode's sizes, without W&B, with the overrides last."""
-    s = ctx.sizes
-    return load_config(PRESET, [
-        f"model.name={s.model}", f"data.image_size={s.image_size}", f"data.val_resize={s.image_size * 8 // 7}",
-        f"data.num_threads={s.threads}", f"train.batch_size={s.batch}", "monitor.wandb=false",
-        "monitor.progress=false", "checkpoint.every_steps=0", "checkpoint.keep=1", *overrides])
-
-
-def run_trainer(ctx: Context, name: str, *overrides: str) -> tuple:
-    """Runs the real Trainer in this process; returns (run dir, the step it started at)."""
-    run_dir = ctx.work / "runs" / name
-    cfg = preset_config(ctx, f"run.dir={run_dir}", *overrides)
-    trainer = Trainer(cfg, distributed.init(cfg.distributed))
-    start = trainer.step
-    code = trainer.train()
-    if code != 0:
-        raise CheckFailed(f"the trainer exited {code}")
-    return run_dir, start
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    def run_trainer(self, name: str, *overrides: str) -> tuple:
+        """Runs the real Trainer in this process on the preset; returns (run dir, the step it started at)."""
+        run_dir = self.work / "runs" / name
+        cfg = self.config(f"run.dir={run_dir}", *overrides)
+        trainer = Trainer(cfg, distributed.init(cfg.distributed))
+        start = trainer.step
+        code = trainer.train()
+        if code != 0:
+            raise CheckFailed(f"the trainer exited {code}")
+        return run_dir, start

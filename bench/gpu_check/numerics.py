@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from bench.gpu_check.context import CheckFailed, Context, Passed, run_trainer
+from bench.gpu_check.context import CheckFailed, Context, Passed
 from bench.throughput import train_records
 from trainer.models import build_model
 
@@ -28,8 +28,8 @@ def _short_run(ctx: Context, precision: str) -> Passed:
     """
     s = ctx.sizes
     size = s.short_image_size
-    run_dir, _ = run_trainer(
-        ctx, f"short_{precision}", f"data.root={ctx.demo}", f"data.image_size={size}",
+    run_dir, _ = ctx.run_trainer(
+        f"short_{precision}", f"data.root={ctx.demo}", f"data.image_size={size}",
         f"data.val_resize={size * 8 // 7}", "data.crop_area=[0.25,1.0]", f"train.batch_size={s.short_batch}",
         f"train.precision={precision}", f"train.max_steps={s.short_steps}", "train.label_smoothing=0",
         "schedule.name=constant", "schedule.warmup_epochs=0", f"optim.lr={s.short_lr}", "monitor.every_steps=1",

@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from bench.gpu_check.context import CheckFailed, Context, Passed, run_trainer
+from bench.gpu_check.context import CheckFailed, Context, Passed
 from bench.throughput import train_records
 
 
@@ -38,9 +38,9 @@ def check_resume(ctx: Context) -> Passed:
     n = s.resume_steps
     common = (f"data.root={ctx.images}", f"train.batch_size={s.resume_batch}", "train.cudnn_benchmark=false",
               "monitor.every_steps=1")
-    straight, _ = run_trainer(ctx, "resume_straight", *common, f"train.max_steps={n}")
-    split, _ = run_trainer(ctx, "resume_split", *common, f"train.max_steps={n // 2}")
-    _, resumed_at = run_trainer(ctx, "resume_split", *common, f"train.max_steps={n}")
+    straight, _ = ctx.run_trainer("resume_straight", *common, f"train.max_steps={n}")
+    split, _ = ctx.run_trainer("resume_split", *common, f"train.max_steps={n // 2}")
+    _, resumed_at = ctx.run_trainer("resume_split", *common, f"train.max_steps={n}")
     name = f"checkpoints/ckpt-{n:09d}.pt"
     a, b = (torch.load(d / name, weights_only=True) for d in (straight, split))
     keys = ("model", "optimizer", "scheduler", "step", "epoch")

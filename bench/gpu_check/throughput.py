@@ -6,17 +6,15 @@ from dataclasses import replace
 
 import torch
 
-from bench.gpu_check.context import (
-    CheckFailed,
-    Context,
-    Passed,
-    preset_config,
-    run_trainer,
-    sync,
-)
+from bench.gpu_check.context import CheckFailed, Context, Passed
 from bench.throughput import throughput, train_records
 from data.loader import build_loader
 from trainer.trainer import AUTOCAST
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _batch_problems(images: torch.Tensor, labels: torch.Tensor, shape: tuple, channels_last: bool,
@@ -51,18 +49,18 @@ def _loader_rate(data_cfg, batch: int, device: torch.device, warmup: int, batche
     problems = _batch_problems(images, labels, shape, channels_last, dtype, device, len(loader.classes))
     if problems:
         raise CheckFailed("bad batch from the loader: " + "; ".join(problems))
-    sync(device)
+    _sync(device)
     start = time.perf_counter()
     for _ in range(measured):
         images, labels = next(source)
-    sync(device)
+    _sync(device)
     return {"img_per_s": batch * measured / (time.perf_counter() - start), "batches": measured}
 
 
 def check_loader(ctx: Context) -> Passed:
     """DALI's train pipeline alone, as the trainer builds it from the preset (channels_last, bf16, its crop)."""
     s = ctx.sizes
-    cfg = preset_config(ctx, f"data.root={ctx.images}")
+    cfg = ctx.config(f"data.root={ctx.images}")
     # The trainer's loader delivers batches in the model's memory format and precision.
     channels_last, dtype = cfg.train.channels_last, AUTOCAST[cfg.train.precision] or torch.float32
     runs = []
@@ -85,8 +83,8 @@ def _trainer_rate(ctx: Context, backend: str, compiled: bool) -> Passed:
     data = (["data.backend=synthetic", f"data.synthetic_samples={s.batch * steps}"] if backend == "synthetic"
             else [f"data.root={ctx.images}"])
     name = f"train_{backend}{'_compiled' if compiled else ''}"
-    run_dir, _ = run_trainer(ctx, name, *data, "model.num_classes=1000", f"train.max_steps={steps}",
-                             f"monitor.every_steps={s.train_warmup}", f"train.compile={compiled}")
+    run_dir, _ = ctx.run_trainer(name, *data, "model.num_classes=1000", f"train.max_steps={steps}",
+                                 f"monitor.every_steps={s.train_warmup}", f"train.compile={compiled}")
     # One record per `train_warmup` steps; the first window (warm-up, compile) is left out.
     train = train_records(run_dir)
     rate = throughput(train, s.batch)
