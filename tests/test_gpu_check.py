@@ -1,4 +1,4 @@
-"""launch/gpu_check.sh --cpu-smoke: the GPU check's own code paths at tiny sizes on the CPU, as CI can run them."""
+"""bench/gpu_check.sh --cpu-smoke: the GPU check's own code paths at tiny sizes on the CPU, as CI can run them."""
 import json
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from trainer import gpu_check
+from bench.gpu_check import run as gpu_check
 
 CPU_PARTS = {"env", "images", "loader", "train_synthetic", "train_dali", "bf16", "resume"}
 CUDA_PARTS = {"fp16", "syncbn", "train_synthetic_compiled", "train_dali_compiled"}
@@ -17,7 +17,7 @@ CUDA_PARTS = {"fp16", "syncbn", "train_synthetic_compiled", "train_dali_compiled
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(["bash", str(ROOT / "launch" / "gpu_check.sh"), "--cpu-smoke", str(out)],
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--cpu-smoke", str(out)],
                             check=False, env=env, capture_output=True, text=True, timeout=300)
     return result, json.loads((out / "gpu_check.json").read_text()), out
 
@@ -64,7 +64,7 @@ def test_targets_are_reported_but_do_not_apply_off_a_gpu(smoke):
 
 def test_gpu_mode_without_a_gpu_fails_with_a_clear_reason(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(["bash", str(ROOT / "launch" / "gpu_check.sh"), "--parts", "env,loader", str(tmp_path)],
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--parts", "env,loader", str(tmp_path)],
                             check=False, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     report = json.loads((tmp_path / "gpu_check.json").read_text())

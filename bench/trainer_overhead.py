@@ -1,4 +1,4 @@
-"""`python -m trainer.bench`: the trainer's end-to-end images/s against a bare forward/backward/step loop.
+"""`python -m bench.trainer_overhead`: the trainer's end-to-end images/s against a bare forward/backward/step loop.
 
 Both run the same model, precision, batch and device on synthetic tensors, in this process, one after the other;
 the ratio shows what the trainer's bookkeeping (metrics, agreement on signals, checkpoint checks) costs.
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.throughput import throughput, train_records
 from trainer import distributed
 from trainer.config import load_config
 from trainer.models import build_model
@@ -62,21 +63,18 @@ def trainer_loop(model_name: str, precision: str, batch: int, size: int, steps: 
         cfg = load_config(None, [
             f"run.dir={run_dir}", f"model.name={model_name}", "data.backend=synthetic",
             f"data.num_classes={num_classes}", f"data.image_size={size}", f"data.val_resize={size}",
-            f"data.synthetic_samples={batch * (steps + warmup)}", f"data.layout={'NHWC' if channels_last else 'NCHW'}",
-            f"train.batch_size={batch}", f"train.precision={precision}", f"train.channels_last={channels_last}",
-            "train.epochs=1", f"monitor.every_steps={max(warmup, 1)}",
-            "monitor.wandb=false", "monitor.progress=false", "checkpoint.every_steps=0"])
+            f"data.synthetic_samples={batch * (steps + warmup)}", f"train.batch_size={batch}",
+            f"train.precision={precision}", f"train.channels_last={channels_last}", "train.epochs=1",
+            f"monitor.every_steps={max(warmup, 1)}", "monitor.wandb=false", "monitor.progress=false",
+            "checkpoint.every_steps=0"])
         with contextlib.redirect_stdout(sys.stderr):
             Trainer(cfg, distributed.init(cfg.distributed)).train()
-        records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    # Train records come every `warmup` steps (and at the last); each reports its window's mean step time.
-    train = [r for r in records if r["split"] == "train"]
-    windows = [(r["step"] - prev["step"], r["step_time_s"]) for prev, r in zip(train, train[1:])]
-    return batch * sum(n for n, _ in windows) / sum(n * t for n, t in windows)
+        # A train record every `warmup` steps: the first window is the warm-up, left out.
+        return throughput(train_records(run_dir), batch).img_per_s
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.trainer_overhead", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--image-size", type=int, default=56)

@@ -1,4 +1,4 @@
-"""`launch/gpu_check.sh OUT_DIR`: everything one GPU machine should show, in one run of at most 5 minutes.
+"""`bench/gpu_check.sh OUT_DIR`: everything one GPU machine should show, in one run of at most 5 minutes.
 
 Environment; DALI's mixed-decode train pipeline alone at several hw_decoder_load values; ResNet-50 training
 images/s (the preset: batch 256, bf16, channels_last) on synthetic data and on the DALI loader, eager and under
@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The Python distributions behind each import, for the message when one is missing (no network on GPU machines).
 REQUIRED = {"torch": "torch", "torchvision": "torchvision", "nvidia.dali": "nvidia-dali-cuda130",
             "omegaconf": "omegaconf", "tqdm": "tqdm", "numpy": "numpy", "PIL": "pillow",
@@ -41,23 +41,36 @@ class Part:
     box_s: float
     """Most seconds it may take on a GPU machine; it is killed after that (or when the whole budget is spent)."""
     what: str
+    check: str
+    """`module:function` that runs it: takes a bench.gpu_check.context.Context, returns Passed (figures and headline)
+    or raises CheckFailed. Named, not imported: this module imports only the standard library."""
     needs_cuda: bool = False
     needs_images: bool = False
 
 
 # Correctness first, the compiles last: if the budget runs out, only the slowest figures are lost.
 PARTS = (
-    Part("env", 30, "GPU, driver, CUDA, cuDNN, NCCL, torch, DALI versions"),
-    Part("images", 45, "ImageNet-like JPEGs (data.bench's generator) hard-linked into a big split; demo set"),
-    Part("loader", 50, "DALI train pipeline alone, images/s per hw_decoder_load", needs_images=True),
-    Part("train_synthetic", 45, "Trainer images/s on synthetic data (the model's ceiling)"),
-    Part("train_dali", 45, "Trainer images/s on the DALI loader", needs_images=True),
-    Part("fp16", 40, "fp16 + GradScaler run on the demo set: the loss must come down", True, True),
-    Part("bf16", 40, "bf16 run on the demo set: the loss must come down", needs_images=True),
-    Part("syncbn", 45, "SyncBatchNorm on 2 ranks vs BatchNorm on the whole batch; NCCL DDP + SyncBN step", True),
-    Part("resume", 60, "N steps vs N/2 + resume + N/2, compared bitwise", needs_images=True),
-    Part("train_synthetic_compiled", 120, "as train_synthetic, under torch.compile", True),
-    Part("train_dali_compiled", 90, "as train_dali, under torch.compile", True, True),
+    Part("env", 30, "GPU, driver, CUDA, cuDNN, NCCL, torch, DALI versions", "bench.gpu_check.env:check_env"),
+    Part("images", 45, "ImageNet-like JPEGs (bench.images' generator) hard-linked into a big split; demo set",
+         "bench.gpu_check.images:check_images"),
+    Part("loader", 50, "DALI train pipeline alone, images/s per hw_decoder_load",
+         "bench.gpu_check.throughput:check_loader", needs_images=True),
+    Part("train_synthetic", 45, "Trainer images/s on synthetic data (the model's ceiling)",
+         "bench.gpu_check.throughput:check_train_synthetic"),
+    Part("train_dali", 45, "Trainer images/s on the DALI loader",
+         "bench.gpu_check.throughput:check_train_dali", needs_images=True),
+    Part("fp16", 40, "fp16 + GradScaler run on the demo set: the loss must come down",
+         "bench.gpu_check.numerics:check_fp16", needs_cuda=True, needs_images=True),
+    Part("bf16", 40, "bf16 run on the demo set: the loss must come down",
+         "bench.gpu_check.numerics:check_bf16", needs_images=True),
+    Part("syncbn", 45, "SyncBatchNorm on 2 ranks vs BatchNorm on the whole batch; NCCL DDP + SyncBN step",
+         "bench.gpu_check.numerics:check_syncbn", needs_cuda=True),
+    Part("resume", 60, "N steps vs N/2 + resume + N/2, compared bitwise",
+         "bench.gpu_check.resume:check_resume", needs_images=True),
+    Part("train_synthetic_compiled", 120, "as train_synthetic, under torch.compile",
+         "bench.gpu_check.throughput:check_train_synthetic_compiled", needs_cuda=True),
+    Part("train_dali_compiled", 90, "as train_dali, under torch.compile",
+         "bench.gpu_check.throughput:check_train_dali_compiled", needs_cuda=True, needs_images=True),
 )
 
 
@@ -78,7 +91,7 @@ def run_part(part: Part, mode: str, work: Path, log, box_s: float) -> dict:
     result_file.parent.mkdir(parents=True, exist_ok=True)
     log.write(f"\n===== {part.name}: {part.what} (time box {box_s:.0f} s) =====\n".encode())
     log.flush()
-    command = [sys.executable, "-m", "trainer.gpu_check_parts", "--part", part.name, "--mode", mode,
+    command = [sys.executable, "-m", "bench.gpu_check.part", "--part", part.name, "--mode", mode,
                "--work", str(work), "--result", str(result_file)]
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -129,26 +142,8 @@ def targets(parts: dict, mode: str) -> dict:
 
 
 def headline(result: dict) -> str:
-    if result["status"] != "pass":
-        return result.get("reason", "")
-    if "img_per_s" in result:
-        return f"{result['img_per_s']:.1f} img/s (data wait {result['data_wait']:.0%})"
-    if "runs" in result:
-        return ", ".join(f"{r['decoder']}{'' if r['hw_decoder_load'] is None else ' hw ' + str(r['hw_decoder_load'])}: "
-                         f"{r['img_per_s']:.0f} img/s" for r in result["runs"])
-    if "loss_first3" in result:
-        return f"loss {result['loss_first3']:.3f} -> {result['loss_last3']:.3f} over {result['steps']} steps"
-    if "differences" in result:
-        return f"bitwise equal after resuming at step {result['resumed_at']} of {result['steps']}"
-    if "two_ranks_gloo_max_relative_error" in result:
-        return f"max relative error {max(result['two_ranks_gloo_max_relative_error'].values()):.1e}"
-    if "gpu" in result:
-        return f"{result['gpu']}, driver {result['driver']}, torch {result['torch']}, DALI {result['dali']}"
-    if "torch" in result:
-        return f"no GPU; torch {result['torch']}, DALI {result['dali']}"
-    if "train_images" in result:
-        return f"{result['train_images']} train / {result['val_images']} val JPEGs"
-    return ""
+    """The part's own summary line if it passed, else why not."""
+    return result["headline"] if result["status"] == "pass" else result.get("reason", "")
 
 
 def markdown(report: dict) -> str:
@@ -157,7 +152,7 @@ def markdown(report: dict) -> str:
     machine = (f"{env.get('gpu', 'no GPU')}, driver {env.get('driver', '-')}, {env.get('cpus')} CPUs; torch "
                f"{env.get('torch')}, DALI {env.get('dali')}")
     counts = report["counts"]
-    summary = (f"`launch/gpu_check.sh` ({report['mode']}), {report['started']}, {machine}: {counts['pass']} passed, "
+    summary = (f"`bench/gpu_check.sh` ({report['mode']}), {report['started']}, {machine}: {counts['pass']} passed, "
                f"{counts['fail']} failed, {counts['skipped']} skipped in {report['elapsed_s']:.0f} s")
     lines = [summary, "", "| part | status | s | result |", "|---|---|---:|---|"]
     for name, result in report["parts"].items():
@@ -172,7 +167,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="launch/gpu_check.sh", description=__doc__,
+    parser = argparse.ArgumentParser(prog="bench/gpu_check.sh", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", type=Path, help="gpu_check.json and gpu_check.log go here")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU; CUDA parts are skipped")
@@ -212,7 +207,7 @@ def main(argv=None) -> int:
                   f"{headline(parts[part.name])}", flush=True)
 
     counts = {s: sum(p["status"] == s for p in parts.values()) for s in ("pass", "fail", "skipped")}
-    report = {"tool": "launch/gpu_check.sh", "mode": mode, "started": started,
+    report = {"tool": "bench/gpu_check.sh", "mode": mode, "started": started,
               "elapsed_s": round(args.budget_s - (deadline - time.monotonic()), 1), "budget_s": args.budget_s,
               "ok": counts["fail"] == 0, "counts": counts, "env": parts.get("env", {}), "parts": parts,
               "targets": targets(parts, mode), "missing_packages": missing}

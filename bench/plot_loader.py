@@ -1,7 +1,7 @@
-"""Draws docs/loader_bench.png from `python -m data.bench --json` output: images/s per backend, train and val,
+"""Draws docs/loader_bench.png from `python -m bench.loader --json` output: images/s per backend, train and val,
 against the decode ceiling.
 
-    python docs/plot_loader_bench.py /tmp/perf/data.json docs/loader_bench.png [--title "2 cores, load 1.2"]
+    python -m bench.plot_loader /tmp/perf/data.json docs/loader_bench.png [--title "2 cores, load 1.2"]
 """
 import argparse
 import json
@@ -35,8 +35,9 @@ def plot(report: dict, out: str, title: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("json", help="data.bench --json output")
+    parser = argparse.ArgumentParser(prog="python -m bench.plot_loader", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("json", help="bench.loader --json output")
     parser.add_argument("png", help="image to write")
     parser.add_argument("--title", default="", help="plot title (default: threads and batch)")
     args = parser.parse_args(argv)

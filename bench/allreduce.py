@@ -1,4 +1,4 @@
-"""`python -m trainer.bench_allreduce`: the all-reduce of ResNet-50's gradients, and how much of it DDP hides.
+"""`python -m bench.allreduce`: the all-reduce of ResNet-50's gradients, and how much of it DDP hides.
 
 Two processes on this machine (gloo over loopback, `--threads` intra-op threads each) measure
 - the all-reduce of ResNet-50's 25.6M gradients, fp32 and bf16, as one flat tensor and in DDP's buckets (1 MiB
@@ -178,7 +178,7 @@ def predict(args: argparse.Namespace, bucket_bytes: list) -> list:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.bench_allreduce", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.allreduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", default="fp32,bf16", help="gradient dtypes of the all-reduce measurement")
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions per figure (median)")

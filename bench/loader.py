@@ -1,7 +1,7 @@
 """Input pipeline throughput: images/s of each backend's train and val loaders on the same JPEGs and CPU threads.
 
-    python -m data.bench --make-images DIR --count 2000     # ImageNet-like JPEGs (about 500x375, quality 90)
-    python -m data.bench --root DIR [--json OUT] [--batches N] [--set prefetch=3 ...]
+    python -m bench.loader --make-images DIR --count 2000     # ImageNet-like JPEGs (about 500x375, quality 90)
+    python -m bench.loader --root DIR [--json OUT] [--batches N] [--set prefetch=3 ...]
 
 Each backend runs in its own subprocess (clean memory, its own worker processes), measured after one warm-up
 batch. The ceiling is the single-core full-decode rate (the faster of PIL and torchvision.io.decode_jpeg)
@@ -15,30 +15,13 @@ import subprocess
 import sys
 import time
 
-import numpy as np
+from bench.images import CLASSES, make_images
 
-CLASSES = 10
 VARIANTS = {  # name -> DataConfig overrides
     "dali": {"backend": "dali"},
     "torchvision-pil": {"backend": "torchvision", "torchvision_decoder": "pil"},
     "torchvision-tensor": {"backend": "torchvision", "torchvision_decoder": "tensor"},
 }
-
-
-def make_images(root: str, count: int, seed: int = 0):
-    """`count` train and count // 5 val JPEGs in 10 classes: smooth colour fields plus noise, 500x375 or 375x500."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", count), ("val", max(count // 5, CLASSES))):
-        for i in range(n):
-            folder = os.path.join(root, split, f"n{i % CLASSES:08d}")
-            os.makedirs(folder, exist_ok=True)
-            size = (500, 375) if rng.random() < 0.75 else (375, 500)
-            coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
-            pixels = np.asarray(coarse, dtype=np.int16) + rng.normal(0, 12, (size[1], size[0], 3)).astype(np.int16)
-            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(
-                os.path.join(folder, f"img{i:06d}.JPEG"), quality=90)
 
 
 def _peak_rss_mib() -> float:
@@ -102,7 +85,7 @@ def decode_ceiling(root: str, threads: int, sample: int = 200) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.loader", description=__doc__.splitlines()[0])
     parser.add_argument("--root", help="dataset root with train/ and val/")
     parser.add_argument("--make-images", metavar="DIR", help="write ImageNet-like JPEGs to DIR and exit")
     parser.add_argument("--count", type=int, default=2000, help="train images to make (val gets a fifth)")
@@ -127,7 +110,7 @@ def main(argv=None):
 
     results = {}
     for variant in args.variants:
-        command = [sys.executable, "-m", "data.bench", "--root", args.root, "--variant", variant,
+        command = [sys.executable, "-m", "bench.loader", "--root", args.root, "--variant", variant,
                    "--batches", str(args.batches), "--batch-size", str(args.batch_size),
                    "--threads", str(args.threads), "--set", *args.set]
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout

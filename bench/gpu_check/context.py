@@ -1,0 +1,124 @@
+"""What every part of the GPU check gets: the mode's sizes, the scratch folder, the ResNet-50 preset and the real
+Trainer; and what a part gives back: Passed (its figures and headline), or CheckFailed (with the figures it got)."""
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data.make_demo_dataset import DemoParams
+from trainer import distributed
+from trainer.config import load_config
+from trainer.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+PRESET = ROOT / "configs" / "resnet50_imagenet.yaml"
+
+
+@dataclass(frozen=True)
+class Passed:
+    headline: str
+    """One line that sums the figures up, for the console and gpu_check.md."""
+    figures: dict
+    """Everything measured, for gpu_check.json."""
+
+
+class CheckFailed(Exception):
+    def __init__(self, reason: str, **figures):
+        super().__init__(reason)
+        self.figures = figures
+
+
+@dataclass(frozen=True)
+class Sizes:
+    model: str
+    """Model of every part (the preset's ResNet-50 on a GPU)."""
+    batch: int
+    """Batch of the loader and throughput parts."""
+    image_size: int
+    """Train crop side of the loader, throughput and resume parts."""
+    unique_images: int
+    """Distinct generated train JPEGs (val gets about a fifth)."""
+    copies: int
+    """Hard links per train JPEG, so that one epoch outlasts every measurement without generating more images."""
+    loader_warmup: int
+    """Loader part: batches before the clock starts (pipeline build, prefetch fill)."""
+    loader_batches: int
+    """Loader part: batches measured."""
+    hw_decoder_loads: tuple
+    """Loader part on a GPU: the hw_decoder_load values compared (the CPU decoder has no hardware share)."""
+    train_warmup: int
+    """Throughput parts: steps before the measured window (cuDNN autotuning, compile, prefetch fill)."""
+    train_steps: int
+    """Throughput parts: measured steps."""
+    short_image_size: int
+    """fp16/bf16 parts: crop side on the demo dataset."""
+    short_batch: int
+    """fp16/bf16 parts: batch."""
+    short_steps: int
+    """fp16/bf16 parts: optimizer steps, several passes over the small demo set."""
+    short_lr: float
+    """fp16/bf16 parts: optim.lr (per 256 images, constant, no warmup)."""
+    demo: DemoParams
+    """The learnable demo dataset of the fp16/bf16 parts."""
+    resume_batch: int
+    """Resume part: batch."""
+    resume_steps: int
+    """Resume part: steps of the straight run; the interrupted run stops at half and resumes."""
+    threads: int
+    """DALI CPU threads (data.num_threads) and image generator processes."""
+
+
+GPU = Sizes(model="resnet50", batch=256, image_size=224, unique_images=1024, copies=11, loader_warmup=3,
+            loader_batches=30, hw_decoder_loads=(0.0, 0.65, 0.9), train_warmup=10, train_steps=30,
+            short_image_size=64, short_batch=32, short_steps=30, short_lr=0.2,
+            demo=DemoParams(seed=1, classes=4, train_per_class=64, val_per_class=8),
+            resume_batch=64, resume_steps=8, threads=min(os.cpu_count() or 1, 16))
+CPU_SMOKE = Sizes(model="resnet20", batch=8, image_size=32, unique_images=40, copies=2, loader_warmup=1,
+                  loader_batches=4, hw_decoder_loads=(), train_warmup=2, train_steps=4,
+                  short_image_size=32, short_batch=8, short_steps=10, short_lr=3.2,
+                  demo=DemoParams(seed=1, classes=4, train_per_class=8, val_per_class=2),
+                  resume_batch=8, resume_steps=6, threads=1)
+
+
+@dataclass(frozen=True)
+class Context:
+    mode: str
+    """gpu or cpu-smoke."""
+    work: Path
+    """Scratch folder shared by the parts: generated images, run directories."""
+
+    @property
+    def sizes(self) -> Sizes:
+        return GPU if self.mode == "gpu" else CPU_SMOKE
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", 0) if self.mode == "gpu" else torch.device("cpu")
+
+    @property
+    def images(self) -> Path:
+        return self.work / "images"
+
+    @property
+    def demo(self) -> Path:
+        return self.work / "demo"
+
+    def config(self, *overrides: str):
+        """The ResNet-50 preset at this mode's sizes, without W&B, with the overrides last."""
+        s = self.sizes
+        return load_config(PRESET, [
+            f"model.name={s.model}", f"data.image_size={s.image_size}", f"data.val_resize={s.image_size * 8 // 7}",
+            f"data.num_threads={s.threads}", f"train.batch_size={s.batch}", "monitor.wandb=false",
+            "monitor.progress=false", "checkpoint.every_steps=0", "checkpoint.keep=1", *overrides])
+
+    def run_trainer(self, name: str, *overrides: str) -> tuple:
+        """Runs the real Trainer in this process on the preset; returns (run dir, the step it started at)."""
+        run_dir = self.work / "runs" / name
+        cfg = self.config(f"run.dir={run_dir}", *overrides)
+        trainer = Trainer(cfg, distributed.init(cfg.distributed))
+        start = trainer.step
+        code = trainer.train()
+        if code != 0:
+            raise CheckFailed(f"the trainer exited {code}")
+        return run_dir, start

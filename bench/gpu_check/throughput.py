@@ -1,0 +1,113 @@
+"""Parts loader and train_*: images/s of DALI's train pipeline alone, and of the real Trainer on synthetic data and
+on the DALI loader, eager and under torch.compile."""
+import math
+import time
+from dataclasses import replace
+
+import torch
+
+from bench.gpu_check.context import CheckFailed, Context, Passed
+from bench.throughput import throughput, train_records
+from data.loader import build_loader
+from trainer.trainer import AUTOCAST
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batch_problems(images: torch.Tensor, labels: torch.Tensor, shape: tuple, channels_last: bool,
+                    dtype: torch.dtype, device: torch.device, classes: int) -> list:
+    problems = []
+    if tuple(images.shape) != shape:
+        problems.append(f"images of shape {tuple(images.shape)}, expected {shape}")
+    if images.dtype != dtype:
+        problems.append(f"images of dtype {images.dtype}, expected {dtype}")
+    if images.device.type != device.type or labels.device.type != device.type:
+        problems.append(f"batch on {images.device}/{labels.device}, expected {device}")
+    if channels_last and not images.is_contiguous(memory_format=torch.channels_last):
+        problems.append("images are not channels_last")
+    if labels.dtype != torch.int64 or int(labels.min()) < 0 or int(labels.max()) >= classes:
+        problems.append(f"labels of dtype {labels.dtype} in [{int(labels.min())}, {int(labels.max())}]")
+    if not torch.isfinite(images.float()).all():
+        problems.append("non-finite pixels")
+    return problems
+
+
+def _loader_rate(data_cfg, batch: int, device: torch.device, warmup: int, batches: int, *, channels_last: bool,
+                 dtype: torch.dtype) -> dict:
+    loader = build_loader(data_cfg, "train", batch_size=batch, rank=0, world_size=1, device=device, seed=0,
+                          channels_last=channels_last, dtype=dtype)
+    measured = min(batches, len(loader) - warmup)
+    if measured < 1:
+        raise CheckFailed(f"the train split has {len(loader)} batches, fewer than {warmup + 1}")
+    source = iter(loader)
+    for _ in range(warmup):
+        images, labels = next(source)
+    shape = (batch, 3, data_cfg.image_size, data_cfg.image_size)
+    problems = _batch_problems(images, labels, shape, channels_last, dtype, device, len(loader.classes))
+    if problems:
+        raise CheckFailed("bad batch from the loader: " + "; ".join(problems))
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(measured):
+        images, labels = next(source)
+    _sync(device)
+    return {"img_per_s": batch * measured / (time.perf_counter() - start), "batches": measured}
+
+
+def check_loader(ctx: Context) -> Passed:
+    """DALI's train pipeline alone, as the trainer builds it from the preset (channels_last, bf16, its crop)."""
+    s = ctx.sizes
+    cfg = ctx.config(f"data.root={ctx.images}")
+    # The trainer's loader delivers batches in the model's memory format and precision.
+    channels_last, dtype = cfg.train.channels_last, AUTOCAST[cfg.train.precision] or torch.float32
+    runs = []
+    for load in (s.hw_decoder_loads if ctx.device.type == "cuda" else (None,)):
+        data_cfg = cfg.data if load is None else replace(cfg.data, hw_decoder_load=load)
+        rate = _loader_rate(data_cfg, s.batch, ctx.device, s.loader_warmup, s.loader_batches,
+                            channels_last=channels_last, dtype=dtype)
+        runs.append({"decoder": "mixed" if load is not None else "cpu", "hw_decoder_load": load, **rate})
+    rates = ", ".join(f"{r['decoder']}{'' if r['hw_decoder_load'] is None else ' hw ' + str(r['hw_decoder_load'])}: "
+                      f"{r['img_per_s']:.0f} img/s" for r in runs)
+    return Passed(rates, {
+        "batch": s.batch, "threads": cfg.data.num_threads, "channels_last": channels_last,
+        "dtype": str(dtype).removeprefix("torch."), "image_size": cfg.data.image_size,
+        "default_hw_decoder_load": cfg.data.hw_decoder_load, "runs": runs})
+
+
+def _trainer_rate(ctx: Context, backend: str, compiled: bool) -> Passed:
+    s = ctx.sizes
+    steps = s.train_warmup + s.train_steps
+    data = (["data.backend=synthetic", f"data.synthetic_samples={s.batch * steps}"] if backend == "synthetic"
+            else [f"data.root={ctx.images}"])
+    name = f"train_{backend}{'_compiled' if compiled else ''}"
+    run_dir, _ = ctx.run_trainer(name, *data, "model.num_classes=1000", f"train.max_steps={steps}",
+                                 f"monitor.every_steps={s.train_warmup}", f"train.compile={compiled}")
+    # One record per `train_warmup` steps; the first window (warm-up, compile) is left out.
+    train = train_records(run_dir)
+    rate = throughput(train, s.batch)
+    figures = {"backend": backend, "compile": compiled, "model": s.model, "batch": s.batch,
+               "precision": "bf16", "channels_last": True, "measured_steps": rate.steps,
+               "img_per_s": rate.img_per_s, "data_wait": rate.data_wait,
+               "max_mem_mb": train[-1]["max_mem_mb"], "final_loss": train[-1]["loss"]}
+    if not math.isfinite(figures["final_loss"]):
+        raise CheckFailed("non-finite training loss", **figures)
+    return Passed(f"{rate.img_per_s:.1f} img/s (data wait {rate.data_wait:.0%})", figures)
+
+
+def check_train_synthetic(ctx: Context) -> Passed:
+    return _trainer_rate(ctx, "synthetic", compiled=False)
+
+
+def check_train_dali(ctx: Context) -> Passed:
+    return _trainer_rate(ctx, "dali", compiled=False)
+
+
+def check_train_synthetic_compiled(ctx: Context) -> Passed:
+    return _trainer_rate(ctx, "synthetic", compiled=True)
+
+
+def check_train_dali_compiled(ctx: Context) -> Passed:
+    return _trainer_rate(ctx, "dali", compiled=True)
