@@ -67,8 +67,8 @@ def trainer_loop(model_name: str, precision: str, batch: int, size: int, steps: 
             f"train.precision={precision}", f"train.channels_last={channels_last}", "train.epochs=1",
             f"monitor.every_steps={max(warmup, 1)}", "monitor.wandb=false", "monitor.progress=false",
             "checkpoint.every_steps=0"])
-        with contextlib.redirect_stdout(sys.stderr):
-            Trainer(cfg, distributed.init(cfg.distributed)).train()
+        with contextlib.redirect_stdout(sys.stderr), Trainer(cfg, distributed.init(cfg.distributed)) as trainer:
+            trainer.train()
         # A train record every `warmup` steps: the first window is the warm-up, left out.
         return throughput(train_records(run_dir), batch).img_per_s
 

@@ -116,9 +116,9 @@ class Context:
         """Runs the real Trainer in this process on the preset; returns (run dir, the step it started at)."""
         run_dir = self.work / "runs" / name
         cfg = self.config(f"run.dir={run_dir}", *overrides)
-        trainer = Trainer(cfg, distributed.init(cfg.distributed))
-        start = trainer.step
-        code = trainer.train()
+        with Trainer(cfg, distributed.init(cfg.distributed)) as trainer:
+            start = trainer.step
+            code = trainer.train()
         if code != 0:
             raise CheckFailed(f"the trainer exited {code}")
         return run_dir, start

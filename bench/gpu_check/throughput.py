@@ -9,7 +9,7 @@ import torch
 from bench.gpu_check.context import CheckFailed, Context, Passed
 from bench.throughput import throughput, train_records
 from data.loader import build_loader
-from trainer.trainer import AUTOCAST
+from trainer.trainer import INPUT_DTYPE
 
 
 def _sync(device: torch.device) -> None:
@@ -62,7 +62,7 @@ def check_loader(ctx: Context) -> Passed:
     s = ctx.sizes
     cfg = ctx.config(f"data.root={ctx.images}")
     # The trainer's loader delivers batches in the model's memory format and precision.
-    channels_last, dtype = cfg.train.channels_last, AUTOCAST[cfg.train.precision] or torch.float32
+    channels_last, dtype = cfg.train.channels_last, INPUT_DTYPE[cfg.train.precision]
     runs = []
     for load in (s.hw_decoder_loads if ctx.device.type == "cuda" else (None,)):
         data_cfg = cfg.data if load is None else replace(cfg.data, hw_decoder_load=load)
