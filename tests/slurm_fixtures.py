@@ -1,9 +1,9 @@
-"""The throwaway two-node Slurm cluster (launch/local_slurm.py) as a pytest fixture, and job helpers."""
+"""The throwaway two-node Slurm cluster (tests/slurm_cluster.py) as a pytest fixture, and job helpers."""
 import subprocess
 
 import pytest
 
-from launch.local_slurm import LocalSlurm, missing_reason
+from tests.slurm_cluster import LocalSlurm, missing_reason
 from tests.launch_support import wait_for
 
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}

@@ -1,4 +1,4 @@
-"""launch/slurm_resnet50.sh on a real two-node Slurm (launch/local_slurm.py): gloo on CPU, one worker per node."""
+"""launch/slurm_resnet50.sh on a real two-node Slurm (tests/slurm_cluster.py): gloo on CPU, one worker per node."""
 import subprocess
 
 import pytest

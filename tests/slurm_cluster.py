@@ -5,8 +5,8 @@ config, spool, pid and log file; nothing under /etc or /run is touched. Clients 
 SLURM_CONF variable from `env()`. Both emulated nodes are this host at 127.0.0.1, so NodeAddr (not the node name)
 is the address a launcher must connect to.
 
-    python -m launch.local_slurm start DIR   # prints `export SLURM_CONF=...`
-    python -m launch.local_slurm stop DIR
+    python -m tests.slurm_cluster start DIR   # prints `export SLURM_CONF=...`
+    python -m tests.slurm_cluster stop DIR
 """
 import argparse
 import os
