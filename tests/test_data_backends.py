@@ -5,7 +5,7 @@ import torch
 from data.config import DataConfig
 from data.errors import DataError
 from data.loader import build_loader, merge_states
-from tests.test_data_helpers import make_coded
+from tests.helpers import make_coded
 
 CPU = torch.device("cpu")
 BACKENDS = ["dali", "torchvision", "synthetic"]

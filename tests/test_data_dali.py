@@ -10,7 +10,7 @@ from torchvision.transforms import v2
 from data.config import SEED_MEAN, TORCHVISION_MEAN, TORCHVISION_STD, DataConfig
 from data.errors import DataError
 from data.loader import build_loader, merge_states
-from tests.test_data_helpers import code_colour, decode_code, make_coded, make_smooth
+from tests.helpers import code_colour, decode_code, make_coded, make_smooth
 
 CPU = torch.device("cpu")
 

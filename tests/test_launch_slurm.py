@@ -3,9 +3,8 @@ import subprocess
 
 import pytest
 
-from tests.launch_support import (ROOT, assert_same_model, final_checkpoint, free_port, last_train_step,  # noqa: F401
-                                  launch_env, metrics, short_run, tiny_demo, wait_for)
-from tests.slurm_fixtures import job_fields, slurm, wait_until_final  # noqa: F401
+from tests.helpers import (ROOT, assert_same_model, final_checkpoint, free_port, last_train_step, launch_env, metrics,
+                           short_run, wait_for, wait_until_final)
 
 SCRIPT = ROOT / "launch" / "slurm_resnet50.sh"
 # Each emulated node has 2 CPUs on a 2-core machine: one intra-op thread per worker avoids oversubscription.

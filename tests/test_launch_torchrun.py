@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from tests.launch_support import (ROOT, assert_same_model, last_train_step, launch_env, short_run, tiny_demo,  # noqa: F401
-                                  wait_for, worker_pids)
+from tests.helpers import (ROOT, STEPS_PER_EPOCH, assert_same_model, last_train_step, launch_env, short_run, wait_for,
+                           worker_pids)
 
 SCRIPT = ROOT / "launch" / "torchrun_multinode.sh"
 RUN_TIMEOUT_S = 240
@@ -77,5 +77,5 @@ def test_stalled_rank_ends_the_job_within_the_timeout(tmp_path, tiny_demo):
         code = finish(proc, timeout_s=timeout_s + 60)
         elapsed = time.monotonic() - stopped_at
     assert code != 0, log_of(run_dir)
-    assert last_train_step(run_dir) < 20 * 10, "the run finished although a rank was stopped"
+    assert last_train_step(run_dir) < 20 * STEPS_PER_EPOCH, "the run finished although a rank was stopped"
     print(f"stalled rank: torchrun exited {code} {elapsed:.1f} s after SIGSTOP (distributed.timeout_s={timeout_s})")

@@ -1,7 +1,7 @@
 """W&B offline: grouped metrics, the run id survives a restart, and the API key is never written anywhere."""
 import torch
 
-from tests.conftest import TINY, run_trainer, trainer_env
+from tests.helpers import TINY, run_trainer, trainer_env
 
 SECRET = "local-0123456789abcdef0123456789abcdef01234567"
 
