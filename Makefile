@@ -1,10 +1,11 @@
-# Two entry points: `make demo` (set up, generate the demo dataset, train) and `make test`.
+# Two entry points: `make demo` (set up, generate the demo dataset, train) and `make test`;
+# `make test-fast` skips the end-to-end tests marked slow.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 NPROC ?= 2
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -20,6 +21,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs wandb data/demo

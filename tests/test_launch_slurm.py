@@ -6,6 +6,8 @@ import pytest
 from tests.helpers import (ROOT, assert_same_model, final_checkpoint, free_port, last_train_step, launch_env, metrics,
                            short_run, wait_for, wait_until_final)
 
+pytestmark = pytest.mark.slow  # every test here trains in real processes
+
 SCRIPT = ROOT / "launch" / "slurm_resnet50.sh"
 # Each emulated node has 2 CPUs on a 2-core machine: one intra-op thread per worker avoids oversubscription.
 SLURM_OVERRIDES = ["train.threads=1"]
@@ -39,7 +41,6 @@ def uninterrupted(slurm, tmp_path_factory, tiny_demo):
     return run_dir
 
 
-@pytest.mark.slow
 def test_demo_reaches_its_accuracy_across_two_nodes(slurm, tmp_path):
     """The expensive one: the whole demo schedule (a few minutes of both cores), its dataset made by rank 0."""
     demo = tmp_path / "demo"

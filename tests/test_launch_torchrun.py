@@ -10,6 +10,8 @@ import pytest
 from tests.helpers import (ROOT, STEPS_PER_EPOCH, assert_same_model, last_train_step, launch_env, short_run, wait_for,
                            worker_pids)
 
+pytestmark = pytest.mark.slow  # every test here trains in real processes
+
 SCRIPT = ROOT / "launch" / "torchrun_multinode.sh"
 RUN_TIMEOUT_S = 240
 

@@ -10,6 +10,8 @@ from tests.helpers import TINY, metrics, run_trainer
 from trainer.checkpoint import Checkpointer
 from trainer.plot import main as plot_main
 
+pytestmark = pytest.mark.slow  # every test here trains in real processes
+
 # One process at batch 8 sees the same 12 steps per epoch as two at batch 4.
 ONE_PROCESS = ["train.batch_size=8"]
 

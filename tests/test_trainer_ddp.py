@@ -11,6 +11,8 @@ import torch
 from tests.helpers import (ROOT, TINY, last_train_step, metrics, module_command, run_trainer, trainer_command,
                            trainer_env, wait_for, worker_pids)
 
+pytestmark = pytest.mark.slow  # every test here trains in real processes
+
 TIMING = {"img_per_s", "data_wait", "step_time_s", "max_mem_mb"}
 STEPS = 24  # 2 epochs x 12 steps
 
