@@ -3,8 +3,18 @@ import subprocess
 
 import pytest
 
-from tests.helpers import (ROOT, assert_same_model, final_checkpoint, free_port, last_train_step, launch_env, metrics,
-                           short_run, wait_for, wait_until_final)
+from tests.helpers import (
+    ROOT,
+    assert_same_model,
+    final_checkpoint,
+    free_port,
+    last_train_step,
+    launch_env,
+    metrics,
+    short_run,
+    wait_for,
+    wait_until_final,
+)
 
 pytestmark = pytest.mark.slow  # every test here trains in real processes
 
@@ -18,7 +28,7 @@ def submit(cluster, runs_root, overrides):
     env = cluster.env(launch_env(NPROC_PER_NODE=1, MASTER_PORT=free_port(), RUNS_ROOT=runs_root))
     out = subprocess.run(["sbatch", "--parsable", "-N2", "--gpus-per-node=0", "--time=20",
                           f"--output={runs_root}/%j.out", str(SCRIPT), *SLURM_OVERRIDES, *overrides],
-                         cwd=ROOT, env=env, capture_output=True, text=True)
+                         cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.strip().split(";")[0]
     return job_id, runs_root / f"slurm-{job_id}", runs_root / f"{job_id}.out"

@@ -7,8 +7,16 @@ import time
 
 import pytest
 
-from tests.helpers import (ROOT, STEPS_PER_EPOCH, assert_same_model, last_train_step, launch_env, short_run, wait_for,
-                           worker_pids)
+from tests.helpers import (
+    ROOT,
+    STEPS_PER_EPOCH,
+    assert_same_model,
+    last_train_step,
+    launch_env,
+    short_run,
+    wait_for,
+    worker_pids,
+)
 
 pytestmark = pytest.mark.slow  # every test here trains in real processes
 
@@ -19,10 +27,9 @@ RUN_TIMEOUT_S = 240
 @contextlib.contextmanager
 def running(run_dir, overrides, **env):
     """The launcher's process (torchrun after exec); on the way out nothing of it is left running."""
-    log = open(run_dir.parent / f"{run_dir.name}.log", "wb")
-    proc = subprocess.Popen([str(SCRIPT), f"run.dir={run_dir}", *overrides], cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, env=launch_env(NPROC_PER_NODE=2, **env))
-    log.close()
+    with open(run_dir.parent / f"{run_dir.name}.log", "wb") as log:
+        proc = subprocess.Popen([str(SCRIPT), f"run.dir={run_dir}", *overrides], cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, env=launch_env(NPROC_PER_NODE=2, **env))
     try:
         yield proc
     finally:

@@ -7,8 +7,18 @@ import torch
 from PIL import Image
 from torchvision.io import decode_jpeg
 
-from data.verify import (BACKUP_SUFFIX, CMYK, GRAYSCALE, NOT_AN_IMAGE, NOT_JPEG, OK, TRUNCATED, ZERO_BYTE, main,
-                         scan)
+from data.verify import (
+    BACKUP_SUFFIX,
+    CMYK,
+    GRAYSCALE,
+    NOT_AN_IMAGE,
+    NOT_JPEG,
+    OK,
+    TRUNCATED,
+    ZERO_BYTE,
+    main,
+    scan,
+)
 
 
 def _encode(mode: str, image_format: str = "JPEG", seed: int = 0) -> bytes:
