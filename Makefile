@@ -1,10 +1,11 @@
-# Two entry points: `make demo` (set up, generate the demo dataset, train) and `make test`.
+# Two entry points: `make demo` (set up, generate the demo dataset, train) and `make test` (lint, then every
+# test); `make test-fast` skips the end-to-end tests marked slow.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 NPROC ?= 2
 
-.PHONY: setup demo test clean
+.PHONY: setup demo lint test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -18,8 +19,14 @@ demo: setup
 	OMP_NUM_THREADS=1 WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) \
 		-m trainer.main --config configs/demo.yaml $(ARGS)
 
-test: setup
+lint: setup
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: lint
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs wandb data/demo

@@ -1,44 +1,32 @@
-"""Shared fixtures: a tiny demo-style dataset and a way to run the trainer as users do, in real processes."""
-import os
-import subprocess
-import sys
+"""Fixtures for every test: tiny demo-style datasets and the throwaway local Slurm. Plain helpers are in helpers.py."""
 from pathlib import Path
 
 import pytest
 
 from data.make_demo_dataset import DemoParams, make_demo_dataset
-
-ROOT = Path(__file__).resolve().parents[1]
-
-# Small enough to train in seconds on 2 cores; same generator as the real demo.
-TINY = ["model.name=resnet20", "data.image_size=32", "data.val_resize=36", "data.num_threads=1",
-        "data.crop_area=[0.25,1.0]", "train.batch_size=4", "train.precision=fp32", "train.epochs=2",
-        "train.sync_bn=false", "schedule.warmup_epochs=0.5", "monitor.every_steps=1", "monitor.wandb=false",
-        "checkpoint.every_steps=5"]
+from tests.slurm_cluster import LocalSlurm, missing_reason
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
-    """4 classes x 24 train / 4 val images: 12 steps per epoch at 2 processes x batch 4."""
+    """For helpers.TINY: 4 classes x 24 train / 4 val images, 12 steps per epoch at 2 processes x batch 4."""
     return make_demo_dataset(tmp_path_factory.mktemp("tiny") / "data",
                              DemoParams(seed=1, classes=4, train_per_class=24, val_per_class=4))
 
 
-def trainer_env(**extra) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-           "PYTHONPATH": str(ROOT)}
-    env.update(extra)
-    return env
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory) -> Path:
+    """For helpers.short_run: the demo's 10 classes x 16 train / 4 val images, 10 steps per epoch at 2 x batch 8."""
+    return make_demo_dataset(tmp_path_factory.mktemp("tiny_demo"), DemoParams(train_per_class=16, val_per_class=4),
+                             workers=1)
 
 
-def trainer_command(nproc: int, *overrides: str) -> list:
-    entry = ["-m", "trainer.main"]
-    if nproc == 1:
-        return [sys.executable, *entry, *overrides]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            *entry, *overrides]
-
-
-def run_trainer(nproc: int, *overrides: str, timeout: float = 300, env: dict = None) -> subprocess.CompletedProcess:
-    return subprocess.run(trainer_command(nproc, *overrides), cwd=ROOT, env=env or trainer_env(),
-                          capture_output=True, text=True, timeout=timeout)
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A running two-node cluster; skipped only where Slurm is not installed or cannot run as this user."""
+    reason = missing_reason()
+    if reason:
+        pytest.skip(f"local Slurm unavailable: {reason}")
+    # A start failure on a machine that has everything is a bug and fails the tests that need the cluster.
+    with LocalSlurm(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster

@@ -5,7 +5,7 @@ import torch
 from data.config import DataConfig
 from data.errors import DataError
 from data.loader import build_loader, merge_states
-from tests.test_data_helpers import make_coded
+from tests.helpers import make_coded
 
 CPU = torch.device("cpu")
 BACKENDS = ["dali", "torchvision", "synthetic"]
@@ -63,7 +63,7 @@ def test_val_is_exact_across_ranks(root, backend):
 @pytest.mark.parametrize("stop", [3, 5, 7])  # mid-epoch 0, at the epoch end, mid-epoch 1
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_resume_is_bitwise_identical(root, backend, stop):
-    options = dict(batch_size=2, rank=1, world_size=2)  # 5 batches per epoch
+    options = {"batch_size": 2, "rank": 1, "world_size": 2}  # 5 batches per epoch
     expected = take(loader(root, backend, **options), 10)
     first = loader(root, backend, **options)
     take(first, stop)

@@ -10,7 +10,7 @@ from torchvision.transforms import v2
 from data.config import SEED_MEAN, TORCHVISION_MEAN, TORCHVISION_STD, DataConfig
 from data.errors import DataError
 from data.loader import build_loader, merge_states
-from tests.test_data_helpers import code_colour, decode_code, make_coded, make_smooth
+from tests.helpers import code_colour, decode_code, make_coded, make_smooth
 
 CPU = torch.device("cpu")
 
@@ -69,7 +69,7 @@ def test_normalization_of_solid_colours(coded, mean, std, split):
         for image, label, code in zip(images, labels, codes(images, mean, std)):
             per_channel = torch.tensor(expected[code], dtype=torch.float32).view(3, 1, 1)
             assert (image - per_channel).abs().max() < tolerance
-            assert label == dict((c, lab) for lab, c in index[split])[code]
+            assert label == {c: lab for lab, c in index[split]}[code]
 
 
 def test_val_matches_torchvision_resize_center_crop(tmp_path):
@@ -145,7 +145,7 @@ def roundtrip(state):
 @pytest.mark.parametrize("stop", [2, 6, 8])  # mid-epoch 0, exactly at the epoch end, mid-epoch 1
 def test_resume_is_bitwise_identical(coded, stop):
     root, _ = coded
-    options = dict(batch_size=4, rank=1, world_size=2, prefetch=3)  # 3 batches per epoch
+    options = {"batch_size": 4, "rank": 1, "world_size": 2, "prefetch": 3}  # 3 batches per epoch
     expected = run(loader(root, **options), 12)
     first = loader(root, **options)
     head = run(first, stop)

@@ -5,7 +5,7 @@ import pytest
 
 from data.errors import DataError
 from data.folder import list_split
-from tests.test_data_helpers import CLASSES, make_coded
+from tests.helpers import CLASSES, make_coded
 
 
 @pytest.fixture

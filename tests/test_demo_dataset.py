@@ -6,8 +6,14 @@ import pytest
 from PIL import Image
 
 from data.errors import DataError
-from data.make_demo_dataset import (CLASS_NAMES, COMPLETE_MARKER, DemoParams, class_folder, main,
-                                    make_demo_dataset)
+from data.make_demo_dataset import (
+    CLASS_NAMES,
+    COMPLETE_MARKER,
+    DemoParams,
+    class_folder,
+    main,
+    make_demo_dataset,
+)
 
 SMALL = DemoParams(seed=3, classes=len(CLASS_NAMES), train_per_class=3, val_per_class=2)
 

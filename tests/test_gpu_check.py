@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
 from bench.gpu_check import run as gpu_check
+from tests.helpers import ROOT
 
 CPU_PARTS = {"env", "images", "loader", "train_synthetic", "train_dali", "bf16", "resume"}
 CUDA_PARTS = {"fp16", "syncbn", "train_synthetic_compiled", "train_dali_compiled"}
@@ -22,6 +22,7 @@ def smoke(tmp_path_factory):
     return result, json.loads((out / "gpu_check.json").read_text()), out
 
 
+@pytest.mark.slow
 def test_smoke_exits_zero_and_reports_every_part(smoke):
     result, report, out = smoke
     assert result.returncode == 0, result.stdout + result.stderr
@@ -36,6 +37,7 @@ def test_smoke_exits_zero_and_reports_every_part(smoke):
     assert all(f"| {name} | " in table for name in CPU_PARTS | CUDA_PARTS)
 
 
+@pytest.mark.slow
 def test_cpu_parts_carry_their_figures(smoke):
     _, report, _ = smoke
     parts = report["parts"]
@@ -51,6 +53,7 @@ def test_cpu_parts_carry_their_figures(smoke):
     assert resume["train_losses_equal"] is True and resume["tensors_compared"] > 0
 
 
+@pytest.mark.slow
 def test_targets_are_reported_but_do_not_apply_off_a_gpu(smoke):
     _, report, _ = smoke
     targets = report["targets"]
@@ -62,6 +65,7 @@ def test_targets_are_reported_but_do_not_apply_off_a_gpu(smoke):
     assert targets["dali_over_synthetic_eager"] > 0
 
 
+@pytest.mark.slow
 def test_gpu_mode_without_a_gpu_fails_with_a_clear_reason(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--parts", "env,loader", str(tmp_path)],

@@ -7,8 +7,18 @@ import time
 
 import pytest
 
-from tests.launch_support import (ROOT, assert_same_model, last_train_step, launch_env, short_run, tiny_demo,  # noqa: F401
-                                  wait_for, worker_pids)
+from tests.helpers import (
+    ROOT,
+    STEPS_PER_EPOCH,
+    assert_same_model,
+    last_train_step,
+    launch_env,
+    short_run,
+    wait_for,
+    worker_pids,
+)
+
+pytestmark = pytest.mark.slow  # every test here trains in real processes
 
 SCRIPT = ROOT / "launch" / "torchrun_multinode.sh"
 RUN_TIMEOUT_S = 240
@@ -17,10 +27,9 @@ RUN_TIMEOUT_S = 240
 @contextlib.contextmanager
 def running(run_dir, overrides, **env):
     """The launcher's process (torchrun after exec); on the way out nothing of it is left running."""
-    log = open(run_dir.parent / f"{run_dir.name}.log", "wb")
-    proc = subprocess.Popen([str(SCRIPT), f"run.dir={run_dir}", *overrides], cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, env=launch_env(NPROC_PER_NODE=2, **env))
-    log.close()
+    with open(run_dir.parent / f"{run_dir.name}.log", "wb") as log:
+        proc = subprocess.Popen([str(SCRIPT), f"run.dir={run_dir}", *overrides], cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, env=launch_env(NPROC_PER_NODE=2, **env))
     try:
         yield proc
     finally:
@@ -77,5 +86,5 @@ def test_stalled_rank_ends_the_job_within_the_timeout(tmp_path, tiny_demo):
         code = finish(proc, timeout_s=timeout_s + 60)
         elapsed = time.monotonic() - stopped_at
     assert code != 0, log_of(run_dir)
-    assert last_train_step(run_dir) < 20 * 10, "the run finished although a rank was stopped"
+    assert last_train_step(run_dir) < 20 * STEPS_PER_EPOCH, "the run finished although a rank was stopped"
     print(f"stalled rank: torchrun exited {code} {elapsed:.1f} s after SIGSTOP (distributed.timeout_s={timeout_s})")

@@ -120,7 +120,8 @@ def test_cifar_sizes_match_the_paper(name):
     assert f"{n / 1e6:.{decimals}f}" == paper_millions
 
 
-@pytest.mark.parametrize("name, shortcut", [("resnet18", "A"), ("resnet50", "A"), ("resnet20", None), ("resnet110", None)])
+@pytest.mark.parametrize("name, shortcut",
+                         [("resnet18", "A"), ("resnet50", "A"), ("resnet20", None), ("resnet110", None)])
 def test_option_a_adds_no_parameters_over_plain(name, shortcut):
     with torch.device("meta"):
         residual = build_model(name, shortcut=shortcut)
@@ -138,7 +139,8 @@ def test_option_c_projects_every_shortcut(name):
     assert count(c) > count(b)
     assert all(isinstance(block.downsample, nn.Sequential) for block in blocks(c))
     # B projects only where the shape changes, and there its keys are C's keys.
-    assert sum(isinstance(block.downsample, nn.Sequential) for block in blocks(b)) == (4 if "50" in name else 3 if "18" in name else 2)
+    projections = 4 if "50" in name else 3 if "18" in name else 2
+    assert sum(isinstance(block.downsample, nn.Sequential) for block in blocks(b)) == projections
     assert set(b.state_dict()) < set(c.state_dict())
 
 
@@ -237,7 +239,8 @@ def test_model_config_errors_name_the_key(fields, key):
 
 def test_model_config_defaults_and_allowed_names():
     cfg = OmegaConf.to_object(OmegaConf.structured(ModelConfig))
-    assert cfg == ModelConfig(name="resnet50", shortcut=None, stride_in_1x1=False, zero_init_residual=False, num_classes=None)
+    assert cfg == ModelConfig(name="resnet50", shortcut=None, stride_in_1x1=False, zero_init_residual=False,
+                              num_classes=None)
     with pytest.raises(ConfigError, match="allowed: resnet18, resnet34"):
         ModelConfig(name="resnet51")
     ModelConfig(name="plain110", num_classes=10)

@@ -1,7 +1,10 @@
 """W&B offline: grouped metrics, the run id survives a restart, and the API key is never written anywhere."""
+import pytest
 import torch
 
-from tests.conftest import TINY, run_trainer, trainer_env
+from tests.helpers import TINY, run_trainer, trainer_env
+
+pytestmark = pytest.mark.slow  # every test here trains in real processes
 
 SECRET = "local-0123456789abcdef0123456789abcdef01234567"
 

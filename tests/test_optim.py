@@ -5,8 +5,15 @@ import pytest
 import torch
 
 from trainer.models import build_model
-from trainer.optim import (OptimConfig, ScheduleConfig, build_ema, build_optimizer, build_scheduler, lr_factor,
-                           scaled_lr)
+from trainer.optim import (
+    OptimConfig,
+    ScheduleConfig,
+    build_ema,
+    build_optimizer,
+    build_scheduler,
+    lr_factor,
+    scaled_lr,
+)
 
 
 def test_no_weight_decay_on_bn_and_bias():

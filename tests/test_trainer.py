@@ -6,16 +6,14 @@ import pytest
 import torch
 import torchvision
 
-from tests.conftest import TINY, run_trainer
+from tests.helpers import TINY, metrics, run_trainer
 from trainer.checkpoint import Checkpointer
 from trainer.plot import main as plot_main
 
+pytestmark = pytest.mark.slow  # every test here trains in real processes
+
 # One process at batch 8 sees the same 12 steps per epoch as two at batch 4.
 ONE_PROCESS = ["train.batch_size=8"]
-
-
-def records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +29,10 @@ def test_run_writes_config_metrics_classes_and_summary(finished_run, tiny_data):
     assert "done: step 14" in result.stdout and str(run_dir) in result.stdout
     assert (run_dir / "config.yaml").read_text().count("resnet20") == 1
     assert json.loads((run_dir / "classes.json").read_text()) == sorted(p.name for p in (tiny_data / "train").iterdir())
-    recs = records(run_dir)
-    train = [r for r in recs if r["split"] == "train"]
+    train = metrics(run_dir, "train")
     assert [r["step"] for r in train] == list(range(1, 15))
     assert {"loss", "top1", "lr", "img_per_s", "data_wait", "step_time_s", "max_mem_mb", "epoch"} <= set(train[0])
-    val = [r for r in recs if r["split"] == "val"]
+    val = metrics(run_dir, "val")
     assert [r["step"] for r in val] == [12, 14]  # end of epoch 1, then the end of the run
     assert all(r["samples"] == 16 for r in val)  # 4 classes x 4 val images, each counted once
     assert all(0 <= r["top1"] <= r["top5"] <= 100 for r in val)
@@ -130,7 +127,7 @@ def test_diverging_run_stops_without_a_nan_checkpoint(tiny_data, tmp_path):
     result = run_trainer(1, *TINY, "optim.lr=1e30", "schedule.warmup_epochs=0", "train.max_nonfinite_steps=3",
                          "checkpoint.every_steps=0", f"data.root={tiny_data}", f"run.dir={run_dir}")
     assert result.returncode == 1 and "non-finite for 3 consecutive steps" in result.stderr
-    recs = [r for r in records(run_dir) if r["split"] == "train"]
+    recs = metrics(run_dir, "train")
     assert recs[-1]["nonfinite_steps"] == 2  # the third stops the run before it is logged
     assert not list((run_dir / "checkpoints").glob("ckpt-*"))
 

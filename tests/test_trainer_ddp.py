@@ -4,23 +4,27 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY, run_trainer, trainer_command, trainer_env
+from tests.helpers import (
+    ROOT,
+    TINY,
+    last_train_step,
+    metrics,
+    module_command,
+    run_trainer,
+    trainer_command,
+    trainer_env,
+    wait_for,
+    worker_pids,
+)
+
+pytestmark = pytest.mark.slow  # every test here trains in real processes
 
 TIMING = {"img_per_s", "data_wait", "step_time_s", "max_mem_mb"}
 STEPS = 24  # 2 epochs x 12 steps
-
-
-def records(run_dir):
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
 def without_timing(recs):
@@ -29,13 +33,12 @@ def without_timing(recs):
 
 def wait_for_step(proc, run_dir, step, deadline_s=240):
     """Polls metrics.jsonl until a train record reaches `step`; the run's own output is the synchronisation."""
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if any(r["split"] == "train" and r["step"] >= step for r in records(run_dir)):
-            return
+    def reached():
+        if last_train_step(run_dir) >= step:
+            return True
         assert proc.poll() is None, f"run ended before step {step}: {proc.stderr.read()[-3000:]}"
-        time.sleep(0.02)
-    raise AssertionError(f"step {step} not reached within {deadline_s} s")
+        return False
+    wait_for(reached, deadline_s, f"step {step}", interval_s=0.02)
 
 
 def final_state(run_dir):
@@ -53,10 +56,10 @@ def uninterrupted(tiny_data, tmp_path_factory):
 def test_two_ranks_train_and_only_rank0_writes(uninterrupted):
     run_dir, result = uninterrupted
     assert result.stdout.count("done: step 24") == 1
-    train = [r for r in records(run_dir) if r["split"] == "train"]
+    train = metrics(run_dir, "train")
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
     assert train[-1]["loss"] < train[0]["loss"]
-    val = [r for r in records(run_dir) if r["split"] == "val"]
+    val = metrics(run_dir, "val")
     assert [r["step"] for r in val] == [12, 24] and all(r["samples"] == 16 for r in val)
     state = final_state(run_dir)
     assert state["world_size"] == 2 and len(state["loader"]) == 2 and len(state["rng"]) == 2
@@ -73,12 +76,13 @@ def test_sigkill_mid_epoch_then_same_command_resumes_bitwise(uninterrupted, tiny
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    killed_at = max(r["step"] for r in records(run_dir) if r["split"] == "train")
+    killed_at = last_train_step(run_dir)
     assert killed_at < STEPS, "the run finished before it could be killed"
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert latest in ("ckpt-000000015.pt", "ckpt-000000020.pt")
 
-    result = subprocess.run(command, cwd=ROOT, env=trainer_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=ROOT, env=trainer_env(), capture_output=True, text=True, timeout=300,
+                            check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming at step" in result.stdout
 
@@ -89,21 +93,21 @@ def test_sigkill_mid_epoch_then_same_command_resumes_bitwise(uninterrupted, tiny
         assert len(flat_whole) == len(flat_resumed)
         for a, b in zip(flat_whole, flat_resumed):
             assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, part
-    after = lambda recs: without_timing([r for r in recs if r["step"] > killed_at])  # noqa: E731
-    assert after(records(run_dir)) == after(records(whole_dir))
+    def after(recs):
+        return without_timing([r for r in recs if r["step"] > killed_at])
+    assert after(metrics(run_dir)) == after(metrics(whole_dir))
     # The log holds each step once: records past the checkpoint were dropped on resume.
-    steps = [r["step"] for r in records(run_dir) if r["split"] == "train"]
+    steps = [r["step"] for r in metrics(run_dir, "train")]
     assert steps == list(range(1, STEPS + 1))
 
 
 def test_evaluation_with_two_ranks_equals_one(uninterrupted):
     checkpoint = uninterrupted[0] / "checkpoints" / f"ckpt-{STEPS:09d}.pt"
-    worker = str(ROOT / "tests" / "eval_worker.py")
-    one = subprocess.run([sys.executable, worker, str(checkpoint)], cwd=ROOT, env=trainer_env(),
-                         capture_output=True, text=True, timeout=300)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          worker, str(checkpoint)], cwd=ROOT, env=trainer_env(), capture_output=True, text=True,
-                         timeout=300)
+
+    def evaluate(nproc):
+        return subprocess.run(module_command(nproc, "tests.workers.evaluate", str(checkpoint)), cwd=ROOT,
+                              env=trainer_env(), capture_output=True, text=True, timeout=300, check=False)
+    one, two = evaluate(1), evaluate(2)
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
     m1, m2 = json.loads(one.stdout.splitlines()[-1]), json.loads(two.stdout.splitlines()[-1])
     assert m1["samples"] == m2["samples"] == 16
@@ -121,10 +125,8 @@ def test_signal_to_one_rank_stops_all_at_one_step_with_a_checkpoint(signum, code
                             text=True, start_new_session=True)
     try:
         wait_for_step(proc, run_dir, 3)
-        workers = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "trainer.main"],
-                                 capture_output=True, text=True).stdout.split()
-        worker = max(int(p) for p in workers)  # one rank only: the flag must reach the other through agreement
-        os.kill(worker, signum)
+        # One rank only: the flag must reach the other through agreement.
+        os.kill(worker_pids(proc.pid)[1], signum)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -148,7 +150,7 @@ def test_sync_bn_on_cpu_warns_once_and_accumulation_steps_count(tiny_data, tmp_p
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("train.sync_bn=true needs CUDA") == 1
     assert "global batch 16, 6 steps/epoch" in result.stdout
-    assert [r["step"] for r in records(run_dir) if r["split"] == "train"] == [1, 2, 3]
+    assert [r["step"] for r in metrics(run_dir, "train")] == [1, 2, 3]
 
 
 def test_resuming_with_another_world_size_is_an_error(uninterrupted, tiny_data, tmp_path):

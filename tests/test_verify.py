@@ -7,8 +7,18 @@ import torch
 from PIL import Image
 from torchvision.io import decode_jpeg
 
-from data.verify import (BACKUP_SUFFIX, CMYK, GRAYSCALE, NOT_AN_IMAGE, NOT_JPEG, OK, TRUNCATED, ZERO_BYTE, main,
-                         scan)
+from data.verify import (
+    BACKUP_SUFFIX,
+    CMYK,
+    GRAYSCALE,
+    NOT_AN_IMAGE,
+    NOT_JPEG,
+    OK,
+    TRUNCATED,
+    ZERO_BYTE,
+    main,
+    scan,
+)
 
 
 def _encode(mode: str, image_format: str = "JPEG", seed: int = 0) -> bytes:
@@ -61,7 +71,7 @@ def test_report_and_exit_code_without_fix(dataset, capsys):
     report = capsys.readouterr().out
     for path, (kind, _) in BAD.items():
         assert f"{kind}\t{path}" in report
-    for path, data in GOOD.items():
+    for path in GOOD:
         assert path not in report
     for path, (_, data) in BAD.items():
         assert (dataset / path).read_bytes() == data, "nothing changes without --fix"

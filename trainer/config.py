@@ -1,4 +1,5 @@
-"""The root config: the components' dataclasses composed, merged from defaults <- YAML <- command line, validated once."""
+"""The root config: the components' dataclasses composed, merged from defaults <- YAML <- command line,
+validated once."""
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path

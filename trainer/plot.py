@@ -16,7 +16,9 @@ def read_metrics(run_dir: Path) -> list:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (is {run_dir} a run directory?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # A run still writing may have cut its last line short: only complete lines count.
+    lines = path.read_text().splitlines(keepends=True)
+    return [json.loads(line) for line in lines if line.endswith("\n") and line.strip()]
 
 
 def plot(records: list, out: Path, title: str) -> None:

@@ -55,7 +55,8 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, in_channels: int, planes: int, stride: int, shortcut: Optional[str], stride_in_1x1: bool = False):
+    def __init__(self, in_channels: int, planes: int, stride: int, shortcut: Optional[str],
+                 stride_in_1x1: bool = False):
         super().__init__()
         out_channels = planes * self.expansion
         self.conv1 = conv3x3(in_channels, planes, stride)
@@ -79,11 +80,13 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 (reduce), 3x3, 1x1 (expand by 4); the stride sits in the 3x3 (v1.5) or, with stride_in_1x1, the first 1x1 (v1)."""
+    """1x1 (reduce), 3x3, 1x1 (expand by 4); the stride sits in the 3x3 (v1.5) or, with stride_in_1x1, the
+    first 1x1 (v1)."""
 
     expansion = 4
 
-    def __init__(self, in_channels: int, planes: int, stride: int, shortcut: Optional[str], stride_in_1x1: bool = False):
+    def __init__(self, in_channels: int, planes: int, stride: int, shortcut: Optional[str],
+                 stride_in_1x1: bool = False):
         super().__init__()
         out_channels = planes * self.expansion
         self.conv1 = conv1x1(in_channels, planes, stride if stride_in_1x1 else 1)
@@ -211,9 +214,11 @@ def option_errors(name: str, shortcut: Optional[str], stride_in_1x1: bool, zero_
     if plain and shortcut is not None:
         errors.append(("shortcut", f"{name} is a plain net without shortcuts; leave it null"))
     if plain and zero_init_residual:
-        errors.append(("zero_init_residual", f"{name} has no residual branch; zeroing its last BN would zero every block"))
+        errors.append(("zero_init_residual",
+                       f"{name} has no residual branch; zeroing its last BN would zero every block"))
     if stride_in_1x1 and block is not Bottleneck:
-        errors.append(("stride_in_1x1", f"{name} has basic blocks without a 1x1 conv; only bottleneck nets (50/101/152) take it"))
+        errors.append(("stride_in_1x1",
+                       f"{name} has basic blocks without a 1x1 conv; only bottleneck nets (50/101/152) take it"))
     if num_classes is not None and num_classes < 1:
         errors.append(("num_classes", f"must be >= 1, got {num_classes}"))
     return errors
@@ -227,7 +232,8 @@ def default_shortcut(name: str) -> Optional[str]:
     return "B" if stem == "imagenet" else "A"
 
 
-def resnet(name: str, num_classes: int, shortcut: Optional[str], stride_in_1x1: bool, zero_init_residual: bool) -> ResNet:
+def resnet(name: str, num_classes: int, shortcut: Optional[str], stride_in_1x1: bool,
+           zero_init_residual: bool) -> ResNet:
     stem, block, depths, plain = architecture(name)
     if shortcut is None:
         shortcut = default_shortcut(name)

@@ -8,8 +8,8 @@ import torch
 from data.config import DataConfig
 from data.loader import build_loader
 from trainer import distributed
-from trainer.models import build_model
 from trainer.evaluate import evaluate
+from trainer.models import build_model
 
 
 def main(checkpoint: str) -> None:

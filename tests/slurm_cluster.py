@@ -5,8 +5,8 @@ config, spool, pid and log file; nothing under /etc or /run is touched. Clients 
 SLURM_CONF variable from `env()`. Both emulated nodes are this host at 127.0.0.1, so NodeAddr (not the node name)
 is the address a launcher must connect to.
 
-    python -m launch.local_slurm start DIR   # prints `export SLURM_CONF=...`
-    python -m launch.local_slurm stop DIR
+    python -m tests.slurm_cluster start DIR   # prints `export SLURM_CONF=...`
+    python -m tests.slurm_cluster stop DIR
 """
 import argparse
 import os
@@ -154,18 +154,17 @@ class LocalSlurm:
             "KillWait=10",
             "SlurmdTimeout=30",
             "InactiveLimit=0",
-            f"NodeName={nodes} NodeHostname={host} NodeAddr=127.0.0.1 Port={node_port}-{node_port + len(NODES) - 1} "
-            f"CPUs={CPUS_PER_NODE} RealMemory=1000 State=UNKNOWN",
+            (f"NodeName={nodes} NodeHostname={host} NodeAddr=127.0.0.1 Port={node_port}-{node_port + len(NODES) - 1} "
+             f"CPUs={CPUS_PER_NODE} RealMemory=1000 State=UNKNOWN"),
             f"PartitionName=local Nodes={nodes} Default=YES MaxTime=INFINITE OverSubscribe=YES State=UP",
             "",
         ]))
 
     def _spawn(self, name, argv):
-        log = open(self.root / f"{name}.out", "wb")
         env = dict(os.environ, SLURM_CONF=str(self.conf))
-        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True)
-        log.close()
+        with open(self.root / f"{name}.out", "wb") as log:
+            self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                start_new_session=True)
 
     def _wait(self, ready, timeout_s, message, *watched):
         deadline = time.monotonic() + timeout_s
@@ -180,7 +179,8 @@ class LocalSlurm:
 
     def _wait_nodes_idle(self, timeout_s):
         def idle():
-            out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env(), capture_output=True, text=True)
+            out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env(), capture_output=True, text=True,
+                                 check=False)
             states = dict(line.split() for line in out.stdout.splitlines() if line.strip())
             return all(states.get(node) == "idle" for node in NODES)
         self._wait(idle, timeout_s, "the nodes did not become idle", *self.procs)
@@ -197,11 +197,12 @@ class LocalSlurm:
     def cancel_jobs(self, timeout_s=30):
         """Cancel every job of this cluster and wait for its processes: slurmstepd outlives a stopped slurmd."""
         def jobs():
-            out = subprocess.run(["squeue", "-h", "-o", "%A"], env=self.env(), capture_output=True, text=True)
+            out = subprocess.run(["squeue", "-h", "-o", "%A"], env=self.env(), capture_output=True, text=True,
+                                 check=False)
             return out.stdout.split()
         pending = jobs()
         if pending:
-            subprocess.run(["scancel", *pending], env=self.env(), capture_output=True)
+            subprocess.run(["scancel", *pending], env=self.env(), capture_output=True, check=False)
             self._wait(lambda: not jobs(), timeout_s, "cancelled jobs did not end")
 
     def stop(self):
