@@ -123,8 +123,9 @@ class DaliLoader(Loader):
         # The checkpoint is this rank's (reader position and RNG states differ per rank): the trainer saves one
         # state per rank; loader.merge_states joins them for callers that keep a single dict.
         # base64 keeps the protobuf bytes a plain str for torch.load(weights_only=True).
-        checkpoint = base64.b64encode(self._iterator.checkpoints()[0]).decode("ascii")
-        return {"dali_checkpoints": {str(self.rank): checkpoint}}
+        # Restored but not iterated since (a run resumed at its last step): the position is still the restored one.
+        raw = self._restore if self._iterator is None else self._iterator.checkpoints()[0]
+        return {"dali_checkpoints": {str(self.rank): base64.b64encode(raw).decode("ascii")}}
 
     def _load_extra_state(self, state: Dict[str, Any]):
         checkpoints = state.get("dali_checkpoints", {})

@@ -157,6 +157,17 @@ def test_resume_is_bitwise_identical(coded, stop):
         assert torch.equal(x, ex) and torch.equal(y, ey)
 
 
+def test_a_restored_loader_saves_the_same_state_before_it_is_iterated(coded):
+    # A run resumed at its last step saves again without reading a batch.
+    root, _ = coded
+    first = loader(root, batch_size=4)
+    run(first, 2)
+    state = roundtrip(first.state_dict())
+    restored = loader(root, batch_size=4)
+    restored.load_state_dict(state)
+    assert restored.state_dict() == state
+
+
 def test_yielded_batches_are_not_overwritten_later(coded):
     root, _ = coded
     batches = run(loader(root, batch_size=4), 8)

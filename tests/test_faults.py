@@ -205,7 +205,7 @@ def test_a_second_job_on_a_busy_run_dir_is_refused_and_a_dead_ones_lock_is_not(t
     first = subprocess.Popen(command, cwd=ROOT, env=trainer_env(SLURM_JOB_ID="4242"), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: train_steps(run_dir), 120, "the first job to train")
+        wait_for(lambda: checkpoint_steps(run_dir), 120, "the first job's first checkpoint")
         second = run_trainer(1, *args(tiny_data, run_dir, "train.epochs=50"))
         assert second.returncode == 1
         assert "is in use by another job" in second.stderr
@@ -214,10 +214,11 @@ def test_a_second_job_on_a_busy_run_dir_is_refused_and_a_dead_ones_lock_is_not(t
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    # The kernel dropped the dead job's lock: its requeue resumes.
-    third = run_trainer(1, *args(tiny_data, run_dir, "train.max_steps=30", "train.epochs=50"))
+    # The kernel dropped the dead job's lock: its requeue resumes and trains on.
+    resume_at = latest(run_dir)["step"]
+    third = run_trainer(1, *args(tiny_data, run_dir, f"train.max_steps={resume_at + 3}", "train.epochs=50"))
     assert third.returncode == 0, third.stderr[-3000:]
-    assert "resuming at step" in third.stdout
+    assert f"resuming at step {resume_at}" in third.stdout and f"done: step {resume_at + 3}" in third.stdout
 
 
 def test_a_resume_applies_a_new_lr_and_records_it(four_steps, tiny_data, tmp_path):
