@@ -242,10 +242,10 @@ def test_a_resume_that_would_change_the_meaning_is_refused_and_not_recorded(four
     config = (run_dir / "config.yaml").read_text()
     records = (run_dir / "metrics.jsonl").read_text()
     result = run_trainer(1, *args(tiny_data, run_dir, "train.max_steps=6", "checkpoint.every_steps=2",
-                                  "schedule.name=step", "train.label_smoothing=0.1"))
+                                  "schedule.name=step", "train.label_smoothing=0.2"))
     assert result.returncode == 2
     assert "config error" in result.stderr and "schedule.name=cosine (now step)" in result.stderr
-    assert "train.label_smoothing=0.0 (now 0.1)" in result.stderr
+    assert "train.label_smoothing=0.1 (now 0.2)" in result.stderr
     assert (run_dir / "config.yaml").read_text() == config and not (run_dir / "config_changes.jsonl").exists()
     assert (run_dir / "metrics.jsonl").read_text() == records and checkpoint_steps(run_dir) == [2, 4]
 
