@@ -40,19 +40,36 @@ def test_a_step_is_forward_loss_backward_update(tmp_path):
         loss.backward()
         optimizer.step()
 
-        loss_sum, correct, samples, finite = trainer.train_step([(images, labels)])
-    assert finite and samples == 8 and torch.equal(loss_sum, loss.detach() * 8)
+        loss_sum, correct, samples = trainer.train_step([(images, labels)])
+    assert int(trainer.guard.skipped) == 0 and samples == 8 and torch.equal(loss_sum, loss.detach() * 8)
     for (name, ours), theirs in zip(trainer.raw_model.state_dict().items(), reference.state_dict().values()):
         assert torch.equal(ours, theirs), name
 
 
-def test_a_non_finite_step_leaves_the_weights_unchanged(tmp_path):
-    with make_trainer(tmp_path) as trainer:
-        images, labels = next(iter(trainer.train_loader))
-        before = {k: v.clone() for k, v in trainer.raw_model.named_parameters()}
-        *_, finite = trainer.train_step([(torch.full_like(images, float("inf")), labels)])
-    assert not finite
-    assert all(torch.equal(p, before[k]) for k, p in trainer.raw_model.named_parameters())
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_a_non_finite_step_leaves_the_model_as_it_was_and_is_counted(tmp_path, precision):
+    # fp16 trains with a GradScaler: its skipped steps count too (on the CPU here, as torch supports it).
+    with make_trainer(tmp_path, f"train.precision={precision}", "optim.ema_decay=0.9") as trainer:
+        batches = iter(trainer.train_loader)
+        trainer.train_step([next(batches)])  # momentum buffers and the EMA are under way
+        images, labels = next(batches)
+        before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
+        ema_before = {k: v.clone() for k, v in trainer.ema.state_dict().items()}
+        momentum_before = [s["momentum_buffer"].clone() for s in trainer.optimizer.state.values()]
+        poisoned = images.clone()
+        poisoned[0] = float("inf")
+        trainer.train_step([(poisoned, labels)])
+        assert int(trainer.guard.skipped) == 1 and int(trainer.guard.total) == 1
+        after = trainer.raw_model.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before.items()), \
+            [k for k, v in before.items() if not torch.equal(after[k], v)][:3]
+        # The averaged weights and buffers; the EMA's own call counter, n_averaged, does not enter the average.
+        assert all(torch.equal(trainer.ema.state_dict()[k], v) for k, v in ema_before.items() if k != "n_averaged")
+        assert all(torch.equal(s["momentum_buffer"], m)
+                   for s, m in zip(trainer.optimizer.state.values(), momentum_before))
+        trainer.train_step([(images, labels)])  # a good step after it trains and resets the run of bad ones
+        assert int(trainer.guard.skipped) == 0 and int(trainer.guard.consecutive) == 0
+        assert not torch.equal(trainer.raw_model.state_dict()["fc.weight"], before["fc.weight"])
 
 
 def test_accumulation_groups_read_a_partial_group_but_do_not_yield_it():

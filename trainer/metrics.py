@@ -12,18 +12,29 @@ def correct_topk(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list:
 
 
 class Sums:
-    """Named running sums kept on the device; `reduce()` adds them over all ranks in one collective."""
+    """Named running sums; `reduce()` adds them over all ranks in one collective.
+
+    Tensors (losses, correct counts) are summed where they are, on the device; plain numbers (sample counts,
+    seconds) on the host, since copying one to the GPU every step would make the host wait for it.
+    """
 
     def __init__(self, device: torch.device, *names: str):
         self.names = names
-        self.values = torch.zeros(len(names), dtype=torch.float64, device=device)
+        self.device = device
+        self.reset()
 
     def add(self, **values) -> None:
-        self.values += torch.stack([torch.as_tensor(values[n], dtype=torch.float64, device=self.values.device)
-                                    for n in self.names])
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                self.on_device[name] = self.on_device[name] + value.to(torch.float64)
+            else:
+                self.on_host[name] += value
 
     def reduce(self) -> dict:
-        return dict(zip(self.names, all_reduce_(self.values.clone()).tolist()))
+        values = torch.stack([torch.as_tensor(self.on_device[n], dtype=torch.float64, device=self.device)
+                              + self.on_host[n] for n in self.names])
+        return dict(zip(self.names, all_reduce_(values).tolist()))
 
     def reset(self) -> None:
-        self.values.zero_()
+        self.on_device = dict.fromkeys(self.names, 0)
+        self.on_host = dict.fromkeys(self.names, 0.0)

@@ -1,11 +1,11 @@
 """The recipe's optimizer side: SGD with parameter groups, the linear scaling rule, warmup + decay, EMA of weights."""
 import math
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from data.errors import ConfigError
 
@@ -73,7 +73,15 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
             # ndim <= 1: BN scales and shifts, biases. Decaying them only hurts accuracy (Goyal et al., Jia et al.).
             (no_decay if p.ndim <= 1 and not cfg.decay_bn_and_bias else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    # Fused: one kernel per step, and it takes `found_inf`, so a step with non-finite gradients is skipped on the
+    # device instead of the host asking the GPU first (trainer/nonfinite.py).
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
+    if cfg.momentum:
+        # Fused SGD leaves a momentum buffer uninitialised when the first step is skipped (GradScaler's first
+        # steps often are); zeros give the first real step exactly the lazy buffer's value, momentum x 0 + grad.
+        for p in decay + no_decay:
+            optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return optimizer
 
 
 def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
@@ -95,6 +103,18 @@ def build_scheduler(optimizer, cfg: ScheduleConfig, steps_per_epoch: int, total_
         optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch, total_steps))
 
 
-def build_ema(model: nn.Module, decay: float) -> AveragedModel:
+def build_ema(model: nn.Module, decay: float, skipped: Optional[torch.Tensor] = None) -> AveragedModel:
+    """An exponential moving average of `model`'s weights and buffers; a step whose `skipped` (a 0-dim device
+    tensor, 1.0 for a skipped step) is set leaves it unchanged, without the host reading the flag."""
+
+    @torch.no_grad()
+    def update(ema: list, current: list, _) -> None:
+        weight = 1 - decay if skipped is None else (1 - skipped) * (1 - decay)
+        if torch.is_floating_point(ema[0]):
+            torch._foreach_lerp_(ema, current, weight)
+        else:
+            for e, c in zip(ema, current):
+                e.copy_(e + (c - e) * weight)
+
     # use_buffers: BN running statistics are averaged too, so the EMA model evaluates without recalibration.
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)

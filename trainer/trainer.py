@@ -23,6 +23,7 @@ from trainer.evaluate import evaluate
 from trainer.metrics import Sums, correct_topk
 from trainer.models import build_model
 from trainer.monitor import Monitor
+from trainer.nonfinite import NonFiniteGuard
 from trainer.optim import build_ema, build_optimizer, build_scheduler, scaled_lr
 from trainer.preemption import StopFlag
 from trainer.rng import rng_state, seed_everything, set_rng_state
@@ -64,7 +65,7 @@ class Trainer:
         # Installed when training starts: worker pools forked during setup must keep the default SIGTERM.
         self.stop = StopFlag()
         self.started = time.perf_counter()
-        self.step = self.epoch = self.images_seen = self.nonfinite_steps = 0
+        self.step = self.epoch = self.images_seen = 0
         self.last_val = {}
         self.monitor = None
         self.run = RunDir(self.run_dir)
@@ -89,7 +90,8 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.steps_per_epoch, self.total_steps)
         # Disabled outside fp16: scale() and update() are then no-ops and step() is optimizer.step().
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
-        self.ema = build_ema(self.raw_model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+        self.guard = NonFiniteGuard(self.raw_model, self.device)
+        self.ema = build_ema(self.raw_model, cfg.optim.ema_decay, self.guard.skipped) if cfg.optim.ema_decay else None
 
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep,
                                          cfg.checkpoint.every_steps, d)
@@ -178,7 +180,7 @@ class Trainer:
     def state_dict(self) -> dict:
         """What the trainer itself owns: its counters and the last validation."""
         return {"step": self.step, "epoch": self.epoch, "images_seen": self.images_seen,
-                "nonfinite_steps": self.nonfinite_steps, "last_val": self.last_val}
+                "nonfinite": self.guard.state_dict(), "last_val": self.last_val}
 
     def checkpoint_state(self) -> dict:
         """The checkpoint: the union of every stateful part. Collective: every rank must call it."""
@@ -222,7 +224,8 @@ class Trainer:
         if self.ema and state["ema"]:
             self.ema.load_state_dict(state["ema"])
         self.step, self.epoch, self.images_seen = state["step"], state["epoch"], state["images_seen"]
-        self.nonfinite_steps, self.last_val = state["nonfinite_steps"], state["last_val"]
+        self.last_val = state["last_val"]
+        self.guard.load_state_dict(state["nonfinite"])
         self.train_loader.load_state_dict(state["loader"][self.dist.rank])
         set_rng_state(state["rng"][self.dist.rank])
         if "optim.lr" in changes:
@@ -288,11 +291,14 @@ class Trainer:
         return 0
 
     def train_one_epoch(self) -> EpochEnd:
-        """Steps through the rest of the current epoch; stops early at the last step or on an agreed signal."""
+        """Steps through the rest of the current epoch; stops early at the last step or on an agreed signal.
+
+        Nothing here waits for the device except on logging steps and stop-check steps.
+        """
         cfg = self.cfg.train
         self.model.train()
         window = Sums(self.device, "loss", "correct", "samples", "data_wait")
-        window_start, window_steps, consecutive_bad = time.perf_counter(), 0, 0
+        window_start, window_steps = time.perf_counter(), 0
         groups = accumulation_groups(self.train_loader, cfg.grad_accum)
         while True:
             fetch_start = time.perf_counter()
@@ -301,34 +307,40 @@ class Trainer:
                 self.epoch += 1
                 return EpochEnd.EPOCH
             data_wait = time.perf_counter() - fetch_start
-            loss_sum, correct, samples, finite = self.train_step(micro_batches)
+            loss_sum, correct, samples = self.train_step(micro_batches)
             self.step += 1
             self.images_seen += samples * self.dist.world_size
-            consecutive_bad = 0 if finite else consecutive_bad + 1
-            self.nonfinite_steps += not finite
-            if consecutive_bad >= cfg.max_nonfinite_steps:
-                raise Diverged(f"the loss or gradients were non-finite for {consecutive_bad} consecutive steps "
-                               f"(up to step {self.step}); stopping without saving. Lower optim.lr, use "
-                               f"train.precision=fp32, or check the data; the last good checkpoint is kept in "
-                               f"{self.checkpointer.dir}")
             window.add(loss=loss_sum, correct=correct, samples=samples, data_wait=data_wait)
             window_steps += 1
             self.monitor.advance()
             last_step = self.step >= self.last_step
-            if self.step % self.cfg.monitor.every_steps == 0 or last_step:
+            log_step = self.step % self.cfg.monitor.every_steps == 0 or last_step
+            stop_check_step = self.step % cfg.stop_check_every == 0
+            if log_step or stop_check_step:
+                self._check_divergence()
+            if log_step:
                 self._log_train(window, window_start, window_steps)
                 window.reset()
                 window_start, window_steps = time.perf_counter(), 0
-            if self.step % cfg.stop_check_every == 0 and distributed.any_rank(self.stop.raised, self.dist):
+            if stop_check_step and distributed.any_rank(self.stop.raised, self.dist):
                 return EpochEnd.STOP
             if last_step:
                 return EpochEnd.LAST_STEP
             self.save()
 
+    def _check_divergence(self) -> None:
+        consecutive = int(self.guard.consecutive)
+        if consecutive >= self.cfg.train.max_nonfinite_steps:
+            raise Diverged(f"the loss or gradients were non-finite for {consecutive} consecutive steps "
+                           f"(up to step {self.step}); stopping without saving. Lower optim.lr, use "
+                           f"train.precision=fp32, or check the data; the last good checkpoint is kept in "
+                           f"{self.checkpointer.dir}")
+
     def train_step(self, micro_batches: list) -> tuple:
-        """One optimizer step over `micro_batches`; returns (summed loss, correct, samples, finite), the first
-        two as tensors, so that nothing waits for the device here."""
+        """One optimizer step over `micro_batches`; returns (summed loss, correct, samples), the first two as
+        device tensors, so that nothing waits for the device here."""
         loss_sum = correct = samples = 0
+        self.guard.before_forward()
         for i, (images, labels) in enumerate(micro_batches):
             with self._gradient_sync(last=i == len(micro_batches) - 1):
                 with self.autocast():
@@ -338,8 +350,8 @@ class Trainer:
             loss_sum = loss_sum + loss.detach() * len(labels)
             correct = correct + correct_topk(output.detach(), labels, ks=(1,))[0]
             samples += len(labels)
-        finite = self._optimizer_step()
-        return loss_sum, correct, samples, finite
+        self._optimizer_step()
+        return loss_sum, correct, samples
 
     def _gradient_sync(self, last: bool):
         """DDP all-reduces gradients in backward; micro-batches before the last only accumulate locally."""
@@ -347,24 +359,20 @@ class Trainer:
             return contextlib.nullcontext()
         return self.model.no_sync()
 
-    def _optimizer_step(self) -> bool:
-        """Applies the update unless the gradients are non-finite; returns whether it was applied."""
-        if self.scaler.is_enabled():
-            # GradScaler skips the update itself when it finds inf/NaN gradients, and lowers the scale.
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            finite = True
-        else:
-            # Gradients are all-reduced, so every rank sees the same norm and takes the same decision.
-            grads = [p.grad for p in self.raw_model.parameters() if p.grad is not None]
-            finite = bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
-            if finite:
-                self.optimizer.step()
+    def _optimizer_step(self) -> None:
+        """Applies the update unless the gradients are non-finite, decided on the device (self.guard.skipped)."""
+        self.scaler.unscale_(self.optimizer)  # fp16 only; the check below then sees the true gradients
+        # Gradients are all-reduced, so every rank sees the same norm and takes the same decision.
+        skipped = self.guard.check(self.raw_model.parameters())
+        if not self.scaler.is_enabled():
+            self.optimizer.found_inf = skipped  # read by the fused SGD step, which then changes nothing
+        self.scaler.step(self.optimizer)  # fp16: GradScaler skips on its own found_inf and lowers the scale
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        if finite and self.ema:
+        self.guard.after_step()
+        if self.ema:
             self.ema.update_parameters(self.raw_model)
-        return finite
 
     def _log_train(self, window: Sums, start: float, steps: int) -> None:
         sums = window.reduce()
@@ -377,7 +385,7 @@ class Trainer:
             "loss": sums["loss"] / sums["samples"], "top1": 100 * sums["correct"] / sums["samples"],
             "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": sums["samples"] / elapsed,
             "data_wait": sums["data_wait"] / (elapsed * self.dist.world_size), "step_time_s": elapsed / steps,
-            "max_mem_mb": memory_mb, "nonfinite_steps": self.nonfinite_steps})
+            "max_mem_mb": memory_mb, "nonfinite_steps": int(self.guard.total)})
 
     def validate(self) -> None:
         """Evaluates the model (and its EMA) on the val split and logs the result."""
