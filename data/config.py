@@ -78,3 +78,12 @@ class DataConfig:
             raise ConfigError("data.num_classes", f"must be >= 1, got {self.num_classes}")
         if self.synthetic_samples < 1:
             raise ConfigError("data.synthetic_samples", f"must be >= 1, got {self.synthetic_samples}")
+
+
+def preprocessing(cfg: DataConfig) -> dict:
+    """What a model trained on this data expects, recorded in every checkpoint so that its weights can be used
+    elsewhere: RGB pixels in 0-255, minus `mean`, divided by `std` (1 when null); val resizes the shorter side
+    to `val_resize` and centre-crops `image_size`."""
+    return {"pixel_range": [0, 255], "channels": "RGB", "mean": list(cfg.mean),
+            "std": list(cfg.std) if cfg.std is not None else None, "image_size": cfg.image_size,
+            "val_resize": cfg.val_resize}

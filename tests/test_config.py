@@ -47,6 +47,7 @@ def test_command_line_overrides_yaml():
     ("optim.nesterov=true optim.momentum=0", "optim.nesterov"),
     ("data.crop_area=[0.5,0.1]", "data.crop_area"),
     ("distributed.timeout_s=0", "distributed.timeout_s"),
+    ("train.compile=true train.sync_bn=true", "train.compile"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:

@@ -85,6 +85,11 @@ def test_the_checkpointer_saves_on_its_cadence_and_at_epoch_ends(tmp_path):
     # every 3 steps (3, 6, 9), the end of epoch 1 (8) and the last step (10); keep=3 leaves the newest three.
     assert steps == [8, 9, 10]
     assert (trainer.checkpointer.dir / "latest").read_text().strip() == "ckpt-000000010.pt"
+    state = torch.load(trainer.checkpointer.path_for(10), weights_only=True)
+    # What a user of the weights needs, without the config: the classes and the preprocessing.
+    assert state["classes"] == trainer.classes
+    assert state["preprocessing"] == {"pixel_range": [0, 255], "channels": "RGB", "mean": [123.68, 116.78, 103.94],
+                                      "std": None, "image_size": 32, "val_resize": 32}
 
 
 def test_train_one_epoch_says_why_it_returned(tmp_path):

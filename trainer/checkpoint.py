@@ -63,6 +63,18 @@ def _non_finite(model_state: dict) -> list:
     return [k for k, t in model_state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
+def to_cpu(tree):
+    """The same nested dicts and lists with every tensor on the CPU: a checkpoint loads on a host without GPUs
+    and without map_location."""
+    if isinstance(tree, torch.Tensor):
+        return tree.cpu()
+    if isinstance(tree, dict):
+        return {k: to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_cpu(v) for v in tree)
+    return tree
+
+
 def step_of(path: Path) -> int:
     return int(NAME.match(path.name).group(1))
 
@@ -100,7 +112,7 @@ class Checkpointer:
         if not (force or self.due(step, epoch_end=epoch_end)):
             return None
         snapshot = state()
-        distributed.agree(lambda: self._write(snapshot, step) if self.dist.is_main else None, self.dist)
+        distributed.agree(lambda: self._write(to_cpu(snapshot), step) if self.dist.is_main else None, self.dist)
         return self.path_for(step)
 
     def _write(self, state: dict, step: int) -> None:

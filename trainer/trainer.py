@@ -3,6 +3,7 @@ import contextlib
 import enum
 import itertools
 import json
+import os
 import resource
 import sys
 import time
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from data.config import preprocessing
 from data.errors import ConfigError, DataError
 from data.loader import build_loader
 from trainer import distributed
@@ -119,7 +121,12 @@ class Trainer:
         seed_everything(self.cfg.seed)
         if self.cfg.train.threads:
             torch.set_num_threads(self.cfg.train.threads)
-        torch.backends.cudnn.benchmark = self.cfg.train.cudnn_benchmark
+        torch.backends.cudnn.benchmark = self.cfg.train.cudnn_benchmark and not self.cfg.train.deterministic
+        if self.cfg.train.deterministic:
+            # cuBLAS reads this when it first creates a handle, which happens at the first matmul, after this.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.deterministic = True
+            torch.use_deterministic_algorithms(True, warn_only=True)
 
     def _agree(self, fn):
         return distributed.agree(fn, self.dist)
@@ -192,6 +199,7 @@ class Trainer:
             "loader": distributed.all_gather(self.train_loader.state_dict(), self.dist),
             "rng": distributed.all_gather(rng_state(), self.dist),
             "world_size": self.dist.world_size, "classes": self.classes, "config": to_dict(self.cfg),
+            "preprocessing": preprocessing(self.cfg.data),
             "wandb_id": self.monitor.wandb_id,
         }
 
