@@ -130,14 +130,3 @@ def test_diverging_run_stops_without_a_nan_checkpoint(tiny_data, tmp_path):
     recs = metrics(run_dir, "train")
     assert recs[-1]["nonfinite_steps"] == 2  # the third stops the run before it is logged
     assert not list((run_dir / "checkpoints").glob("ckpt-*"))
-
-
-def test_checkpoint_with_nan_weights_is_never_written(tiny_data, tmp_path):
-    run_dir = tmp_path / "run"
-    # Finite gradients times lr 1e30 overflow the weights within a step or two, with a checkpoint due every step.
-    result = run_trainer(1, *TINY, "optim.lr=1e30", "schedule.warmup_epochs=0", "checkpoint.every_steps=1",
-                         f"data.root={tiny_data}", f"run.dir={run_dir}")
-    assert result.returncode == 1 and "refusing to write a checkpoint with non-finite weights" in result.stderr
-    for path in (run_dir / "checkpoints").glob("ckpt-*.pt"):
-        state = torch.load(path, weights_only=True)
-        assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())

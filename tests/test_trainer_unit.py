@@ -103,6 +103,16 @@ def test_train_one_epoch_says_why_it_returned(tmp_path):
         assert trainer.train_one_epoch() is EpochEnd.STOP and trainer.step == 2
 
 
+def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
+    with make_trainer(tmp_path) as trainer:
+        with torch.no_grad():
+            trainer.raw_model.fc.weight[0, 0] = float("inf")
+        with pytest.raises(Diverged, match="refusing to write a checkpoint with non-finite weights at step 0 "
+                                           r"\(e.g. fc.weight\)"):
+            trainer.save(force=True)
+    assert not list(trainer.checkpointer.dir.iterdir())
+
+
 def test_the_monitor_is_closed_when_training_diverges(tmp_path):
     trainer = make_trainer(tmp_path, "optim.lr=1e30", "train.max_nonfinite_steps=2", "checkpoint.every_steps=0")
     with pytest.raises(Diverged, match="non-finite for 2 consecutive steps"):
