@@ -1,9 +1,11 @@
-"""The recipe: parameter groups, the linear scaling rule, per-iteration warmup and decay, EMA."""
+"""The recipe: parameter groups, the linear scaling rule, per-iteration warmup and decay, EMA; LARS against its
+definition, the large-batch preset and warning."""
 import math
 
 import pytest
 import torch
 
+from data.errors import ConfigError
 from trainer.models import build_model
 from trainer.optim import (
     OptimConfig,
@@ -80,3 +82,23 @@ def test_ema_tracks_weights_and_buffers():
     ema.update_parameters(model)
     assert torch.allclose(ema.module[0].weight, start + 3.0)  # halfway between +2 and +4
     assert torch.allclose(ema.module[1].running_mean, torch.full((3,), 4.0))
+
+
+
+def test_warmup_then_polynomial_decay():
+    cfg = ScheduleConfig(name="poly", warmup_epochs=2, power=2.0, end_lr_factor=0.01)
+    spe, total = 10, 20 * 10
+    assert lr_factor(cfg, 0, spe, total) == pytest.approx(1 / 20)
+    assert lr_factor(cfg, 19, spe, total) == pytest.approx(1.0)  # the last warmup step reaches the peak
+    assert lr_factor(cfg, 20, spe, total) == pytest.approx(1.0)
+    assert lr_factor(cfg, 20 + 90, spe, total) == pytest.approx(0.01 + 0.99 * 0.5 ** 2)
+    assert lr_factor(cfg, total - 1, spe, total) == pytest.approx(0.01 + 0.99 / 180 ** 2)
+    assert lr_factor(cfg, total, spe, total) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("override, key", [(dict(power=0.0), "schedule.power"),
+                                           (dict(end_lr_factor=1.0), "schedule.end_lr_factor")])
+def test_bad_poly_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        ScheduleConfig(name="poly", **override)
+    assert e.value.key == key

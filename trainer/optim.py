@@ -9,7 +9,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from data.errors import ConfigError
 
-SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = ("cosine", "step", "poly", "constant")
 
 
 @dataclass
@@ -43,13 +43,18 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     name: str = "cosine"
-    """Decay after warmup: cosine (to 0 at the last step), step (x gamma at each milestone) or constant."""
+    """Decay after warmup: cosine (to 0 at the last step), step (x gamma at each milestone), poly (polynomial, to
+    end_lr_factor at the last step; MLPerf's LARS schedule) or constant."""
     warmup_epochs: float = 5.0
     """Epochs of per-iteration linear warmup from 0 to the scaled lr."""
     milestones: List[int] = field(default_factory=lambda: [30, 60, 80])
     """Step decay: epochs at which the lr is multiplied by gamma."""
     gamma: float = 0.1
     """Step decay factor."""
+    power: float = 2.0
+    """Poly decay: the exponent of (1 - progress); MLPerf's ResNet-50 LARS schedule uses 2."""
+    end_lr_factor: float = 0.0
+    """Poly decay: the lr reached at the end of the schedule, as a fraction of the scaled lr."""
 
     def __post_init__(self):
         if self.name not in SCHEDULES:
@@ -60,6 +65,10 @@ class ScheduleConfig:
             raise ConfigError("schedule.milestones", f"must be increasing positive epochs, got {list(self.milestones)}")
         if not 0 < self.gamma <= 1:
             raise ConfigError("schedule.gamma", f"must be in (0, 1], got {self.gamma}")
+        if not self.power > 0:
+            raise ConfigError("schedule.power", f"must be positive, got {self.power}")
+        if not 0 <= self.end_lr_factor < 1:
+            raise ConfigError("schedule.end_lr_factor", f"must be in [0, 1), got {self.end_lr_factor}")
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
@@ -81,9 +90,11 @@ def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps:
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     if step < warmup:
         return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     if cfg.name == "cosine":
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.name == "poly":
+        return cfg.end_lr_factor + (1 - cfg.end_lr_factor) * (1 - progress) ** cfg.power
     if cfg.name == "step":
         epoch = step / steps_per_epoch
         return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
