@@ -16,6 +16,7 @@ from trainer.optim import (
     build_scheduler,
     lr_factor,
     scaled_lr,
+    warn_large_batch,
 )
 
 
@@ -241,3 +242,20 @@ def test_bad_lars_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:
         OptimConfig(**override)
     assert e.value.key == key
+
+
+def test_a_global_batch_beyond_what_sgd_is_known_to_handle_is_warned_on_the_main_process(capsys):
+    assert warn_large_batch(OptimConfig(), 8192, is_main=True) is None
+    warning = warn_large_batch(OptimConfig(), 4 * 8 * 512, is_main=True)
+    assert "16384" in warning and "8192" in warning and "Goyal" in warning
+    assert "--config configs/resnet50_imagenet_lars.yaml" in warning and "optim.name=lars" in warning
+    assert capsys.readouterr().err == warning + "\n"
+    assert warn_large_batch(OptimConfig(), 4 * 8 * 512, is_main=False) == warning
+    assert capsys.readouterr().err == ""
+
+
+def test_a_global_batch_beyond_what_lars_is_known_to_handle_is_warned():
+    assert warn_large_batch(OptimConfig(name="lars"), 65536, is_main=False) is None
+    warning = warn_large_batch(OptimConfig(name="lars"), 131072, is_main=False)
+    assert "131072" in warning and "67840" in warning and "MLPerf" in warning
+    assert "use LARS" not in warning

@@ -1,8 +1,9 @@
 """The recipe's optimizer side: SGD or LARS with parameter groups, the linear scaling rule, warmup + decay, EMA of
 weights."""
 import math
+import sys
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -150,6 +151,37 @@ class LARS(torch.optim.Optimizer):
                 torch._foreach_add_(updates, buffers, alpha=momentum)
             torch._foreach_sub_(params, updates if group["nesterov"] else buffers)
         return loss
+
+
+class BatchLimit(NamedTuple):
+    images: int
+    """The largest global batch at which the optimizer is known to reach full ResNet-50 accuracy on ImageNet."""
+    source: str
+    advice: str
+
+
+GLOBAL_BATCH_LIMITS = {
+    "sgd": BatchLimit(8192, "Goyal et al. 2017, 'Accurate, Large Minibatch SGD': lr 0.1 x batch/256 with 5 warmup "
+                            "epochs matches the 256-image accuracy up to 8k images",
+                      "for larger batches use LARS: --config configs/resnet50_imagenet_lars.yaml, or optim.name=lars "
+                      "with schedule.name=poly"),
+    "lars": BatchLimit(67840, "MLPerf Training's ResNet-50 reference convergence points, mlcommons/logging "
+                              "rcps_resnet.json, reach the target with LARS at up to 65536 and 67840 images",
+                       "expect lower accuracy unless the lr, warmup, momentum and epochs are retuned"),
+}
+
+
+def warn_large_batch(cfg: OptimConfig, global_batch: int, is_main: bool) -> Optional[str]:
+    """Returns a warning when `global_batch` is beyond what optim.name is known to handle, and prints it on the
+    main process; returns None within the limit."""
+    limit = GLOBAL_BATCH_LIMITS[cfg.name]
+    if global_batch <= limit.images:
+        return None
+    warning = (f"warning: a global batch of {global_batch} images is beyond the {limit.images} that "
+               f"optim.name={cfg.name} is known to train ResNet-50 at ({limit.source}); {limit.advice}")
+    if is_main:
+        print(warning, file=sys.stderr, flush=True)
+    return warning
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
