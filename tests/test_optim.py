@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from data.errors import ConfigError
+from tests.helpers import ROOT
+from trainer.config import load_config
 from trainer.models import build_model
 from trainer.optim import (
     OptimConfig,
@@ -259,3 +261,15 @@ def test_a_global_batch_beyond_what_lars_is_known_to_handle_is_warned():
     warning = warn_large_batch(OptimConfig(name="lars"), 131072, is_main=False)
     assert "131072" in warning and "67840" in warning and "MLPerf" in warning
     assert "use LARS" not in warning
+
+
+def test_large_batch_preset_is_mlperfs_32k_lars():
+    cfg = load_config(ROOT / "configs/resnet50_imagenet_lars.yaml", ["data.root=/x"])
+    assert (cfg.optim.name, cfg.schedule.name, cfg.schedule.power) == ("lars", "poly", 2.0)
+    # MLPerf's reference convergence point at 32768 images: lr 21.2, 16 warmup epochs, momentum 0.94, wd 2.5e-5.
+    assert scaled_lr(cfg.optim, 32768) == pytest.approx(21.2)
+    assert scaled_lr(cfg.optim, 32768) * cfg.schedule.end_lr_factor == pytest.approx(1e-4)
+    assert (cfg.schedule.warmup_epochs, cfg.optim.momentum, cfg.optim.weight_decay) == (16, 0.94, 2.5e-5)
+    assert (cfg.optim.lars_eta, cfg.optim.lars_epsilon, cfg.train.label_smoothing) == (1e-3, 0.0, 0.1)
+    assert not cfg.optim.decay_bn_and_bias
+    assert warn_large_batch(cfg.optim, 32768, is_main=False) is None
