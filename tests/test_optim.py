@@ -125,7 +125,7 @@ def test_sgd_is_the_default_and_steps_as_before():
 
 
 def lars_model():
-    """A weight to adapt (ndim 2) next to a bias and a BN scale and shift (ndim 1), with fixed gradients."""
+    """A weight to adapt (ndim 2) next to a bias and a BN scale and shift (ndim 1), the same on every call."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.BatchNorm1d(3))
     with torch.no_grad():

@@ -153,6 +153,21 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            # ndim <= 1: BN scales and shifts, biases. Decaying them only hurts accuracy (Goyal et al., Jia et al.).
+            (no_decay if p.ndim <= 1 and not cfg.decay_bn_and_bias else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.name == "lars":
+        # What the reference leaves undecayed it also leaves unadapted (its skip list: batch_normalization, bias).
+        groups[0]["lars_adapt"], groups[1]["lars_adapt"] = True, False
+        return LARS(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, eta=cfg.lars_eta,
+                    epsilon=cfg.lars_epsilon)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
 class BatchLimit(NamedTuple):
     images: int
     """The largest global batch at which the optimizer is known to reach full ResNet-50 accuracy on ImageNet."""
@@ -182,21 +197,6 @@ def warn_large_batch(cfg: OptimConfig, global_batch: int, is_main: bool) -> Opti
     if is_main:
         print(warning, file=sys.stderr, flush=True)
     return warning
-
-
-def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            # ndim <= 1: BN scales and shifts, biases. Decaying them only hurts accuracy (Goyal et al., Jia et al.).
-            (no_decay if p.ndim <= 1 and not cfg.decay_bn_and_bias else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.name == "lars":
-        # What the reference leaves undecayed it also leaves unadapted (its skip list: batch_normalization, bias).
-        groups[0]["lars_adapt"], groups[1]["lars_adapt"] = True, False
-        return LARS(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, eta=cfg.lars_eta,
-                    epsilon=cfg.lars_epsilon)
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
 def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
