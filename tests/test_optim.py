@@ -1,9 +1,14 @@
-"""The recipe: parameter groups, the linear scaling rule, per-iteration warmup and decay, EMA."""
+"""The recipe: parameter groups, the linear scaling rule, per-iteration warmup and decay, EMA; LARS against its
+definition, the large-batch preset and warning."""
+import io
 import math
 
 import pytest
 import torch
 
+from data.errors import ConfigError
+from tests.helpers import ROOT
+from trainer.config import load_config
 from trainer.models import build_model
 from trainer.optim import (
     OptimConfig,
@@ -13,6 +18,7 @@ from trainer.optim import (
     build_scheduler,
     lr_factor,
     scaled_lr,
+    warn_large_batch,
 )
 
 
@@ -80,3 +86,190 @@ def test_ema_tracks_weights_and_buffers():
     ema.update_parameters(model)
     assert torch.allclose(ema.module[0].weight, start + 3.0)  # halfway between +2 and +4
     assert torch.allclose(ema.module[1].running_mean, torch.full((3,), 4.0))
+
+
+
+def test_warmup_then_polynomial_decay():
+    cfg = ScheduleConfig(name="poly", warmup_epochs=2, power=2.0, end_lr_factor=0.01)
+    spe, total = 10, 20 * 10
+    assert lr_factor(cfg, 0, spe, total) == pytest.approx(1 / 20)
+    assert lr_factor(cfg, 19, spe, total) == pytest.approx(1.0)  # the last warmup step reaches the peak
+    assert lr_factor(cfg, 20, spe, total) == pytest.approx(1.0)
+    assert lr_factor(cfg, 20 + 90, spe, total) == pytest.approx(0.01 + 0.99 * 0.5 ** 2)
+    assert lr_factor(cfg, total - 1, spe, total) == pytest.approx(0.01 + 0.99 / 180 ** 2)
+    assert lr_factor(cfg, total, spe, total) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("override, key", [(dict(power=0.0), "schedule.power"),
+                                           (dict(end_lr_factor=1.0), "schedule.end_lr_factor")])
+def test_bad_poly_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        ScheduleConfig(name="poly", **override)
+    assert e.value.key == key
+
+
+def test_sgd_is_the_default_and_steps_as_before():
+    model, reference = lars_model(), lars_model()
+    opt = build_optimizer(model, OptimConfig(), lr=0.1)
+    assert OptimConfig().name == "sgd" and type(opt) is torch.optim.SGD
+    assert all("lars_adapt" not in group for group in opt.param_groups)  # the checkpoint's optimizer is unchanged
+    decay = [p for p in reference.parameters() if p.ndim > 1]
+    no_decay = [p for p in reference.parameters() if p.ndim <= 1]
+    by_hand = torch.optim.SGD([{"params": decay, "weight_decay": 1e-4}, {"params": no_decay, "weight_decay": 0.0}],
+                              lr=0.1, momentum=0.9, nesterov=False, fused=True)  # fused: skips on the device
+    for seed in (1, 2):
+        for m, o in ((model, opt), (reference, by_hand)):
+            set_grads(m, seed)
+            o.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
+
+
+def lars_model():
+    """A weight to adapt (ndim 2) next to a bias and a BN scale and shift (ndim 1), the same on every call."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.BatchNorm1d(3))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def set_grads(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g)
+
+
+def lars_by_hand(w, g, v, lr, momentum, wd, eta, adapt, nesterov=False):
+    """One step of MLPerf's LARS: trust = eta ||w|| / (||g|| + wd ||w||) scales lr on the decayed gradient, and
+    the momentum buffer holds lr-scaled updates (TF's and MXNet's form); BN and bias are plain momentum SGD."""
+    if adapt:
+        trust = eta * w.norm() / (g.norm() + wd * w.norm())
+        update = lr * trust * (g + wd * w)
+    else:
+        update = lr * g
+    v = momentum * v + update
+    return w - (momentum * v + update if nesterov else v), v
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_lars_two_steps_match_its_definition(nesterov):
+    cfg = OptimConfig(name="lars", momentum=0.9, nesterov=nesterov, weight_decay=5e-3, lars_eta=0.02)
+    model = lars_model()
+    opt = build_optimizer(model, cfg, lr=3.0)
+    expected = {name: (p.detach().clone(), torch.zeros_like(p)) for name, p in model.named_parameters()}
+    for seed, lr in ((1, 3.0), (2, 1.5)):  # a new lr on the second step: it scales the update, not the buffer
+        set_grads(model, seed)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        for name, p in model.named_parameters():
+            w, v = expected[name]
+            expected[name] = lars_by_hand(w, p.grad, v, lr, 0.9, 5e-3 if name == "0.weight" else 0.0, 0.02,
+                                          adapt=name == "0.weight", nesterov=nesterov)
+        opt.step()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), expected[name][0], rtol=1e-6, atol=1e-7, msg=name)
+            torch.testing.assert_close(opt.state[p]["momentum_buffer"], expected[name][1], rtol=1e-6, atol=1e-7)
+
+
+def test_lars_leaves_bn_and_bias_unadapted_and_undecayed():
+    model = lars_model()
+    opt = build_optimizer(model, OptimConfig(name="lars", weight_decay=1e-4), lr=0.5)
+    adapted, plain = opt.param_groups
+    assert adapted["lars_adapt"] and adapted["weight_decay"] == 1e-4 and all(p.ndim > 1 for p in adapted["params"])
+    assert not plain["lars_adapt"] and plain["weight_decay"] == 0 and all(p.ndim == 1 for p in plain["params"])
+    set_grads(model, 3)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    opt.step()
+    for name in ("0.bias", "1.weight", "1.bias"):  # first step: the plain gradient step
+        p = model.get_parameter(name)
+        torch.testing.assert_close(p.detach(), before[name] - 0.5 * p.grad, rtol=0, atol=1e-7)
+
+
+def test_lars_trust_ratio_is_one_where_a_norm_is_zero():
+    layer = torch.nn.Linear(4, 2, bias=False)
+    opt = build_optimizer(layer, OptimConfig(name="lars", momentum=0.0, weight_decay=0.1, lars_eta=1e-3), lr=2.0)
+    with torch.no_grad():
+        layer.weight.zero_()
+    layer.weight.grad = torch.ones(2, 4)
+    opt.step()  # ||w|| = 0: trust 1, the update is lr * (g + wd * 0)
+    assert torch.equal(layer.weight.detach(), torch.full((2, 4), -2.0))
+    layer.weight.grad = torch.zeros(2, 4)
+    opt.step()  # ||g|| = 0: trust 1, only the decay acts
+    torch.testing.assert_close(layer.weight.detach(), torch.full((2, 4), -2.0 * (1 - 2.0 * 0.1)))
+    with torch.no_grad():
+        layer.weight.zero_()
+    opt.step()  # both zero: nothing moves, and no 0/0
+    assert torch.equal(layer.weight.detach(), torch.zeros(2, 4))
+
+
+def test_lars_step_needs_no_host_sync():
+    # Meta tensors have no values: an .item(), a bool() or a Python `if` on a tensor raises. So a step that runs on
+    # them never waits for the device, and a device-side skip of non-finite steps can wrap it later.
+    model = lars_model().to("meta")
+    opt = build_optimizer(model, OptimConfig(name="lars", nesterov=True), lr=0.5)
+    for p in model.parameters():
+        p.grad = torch.empty_like(p)
+    opt.step()
+    opt.step()
+    assert all(opt.state[p]["momentum_buffer"].device.type == "meta" for p in model.parameters())
+
+
+def test_lars_state_round_trips_through_a_checkpoint():
+    model = lars_model()
+    opt = build_optimizer(model, OptimConfig(name="lars"), lr=1.0)
+    for seed in (1, 2):
+        set_grads(model, seed)
+        opt.step()
+    saved = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, saved)
+    saved.seek(0)
+    state = torch.load(saved, weights_only=True)  # as the trainer loads checkpoints
+    restored = lars_model()
+    restored.load_state_dict(state["model"])
+    restored_opt = build_optimizer(restored, OptimConfig(name="lars"), lr=1.0)
+    restored_opt.load_state_dict(state["optimizer"])
+    for m, o in ((model, opt), (restored, restored_opt)):
+        set_grads(m, 3)
+        o.step()
+    for (name, p), q in zip(model.named_parameters(), restored.parameters()):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("override, key", [
+    (dict(name="adam"), "optim.name"), (dict(name="lars", lars_eta=0.0), "optim.lars_eta"),
+    (dict(name="lars", lars_epsilon=-1.0), "optim.lars_epsilon"),
+])
+def test_bad_lars_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        OptimConfig(**override)
+    assert e.value.key == key
+
+
+def test_a_global_batch_beyond_what_sgd_is_known_to_handle_is_warned_on_the_main_process(capsys):
+    assert warn_large_batch(OptimConfig(), 8192, is_main=True) is None
+    warning = warn_large_batch(OptimConfig(), 4 * 8 * 512, is_main=True)
+    assert "16384" in warning and "8192" in warning and "Goyal" in warning
+    assert "--config configs/resnet50_imagenet_lars.yaml" in warning and "optim.name=lars" in warning
+    assert capsys.readouterr().err == warning + "\n"
+    assert warn_large_batch(OptimConfig(), 4 * 8 * 512, is_main=False) == warning
+    assert capsys.readouterr().err == ""
+
+
+def test_a_global_batch_beyond_what_lars_is_known_to_handle_is_warned():
+    assert warn_large_batch(OptimConfig(name="lars"), 65536, is_main=False) is None
+    warning = warn_large_batch(OptimConfig(name="lars"), 131072, is_main=False)
+    assert "131072" in warning and "67840" in warning and "MLPerf" in warning
+    assert "use LARS" not in warning
+
+
+def test_large_batch_preset_is_mlperfs_32k_lars():
+    cfg = load_config(ROOT / "configs/resnet50_imagenet_lars.yaml", ["data.root=/x"])
+    assert (cfg.optim.name, cfg.schedule.name, cfg.schedule.power) == ("lars", "poly", 2.0)
+    # MLPerf's reference convergence point at 32768 images: lr 21.2, 16 warmup epochs, momentum 0.94, wd 2.5e-5.
+    assert scaled_lr(cfg.optim, 32768) == pytest.approx(21.2)
+    assert scaled_lr(cfg.optim, 32768) * cfg.schedule.end_lr_factor == pytest.approx(1e-4)
+    assert (cfg.schedule.warmup_epochs, cfg.optim.momentum, cfg.optim.weight_decay) == (16, 0.94, 2.5e-5)
+    assert (cfg.optim.lars_eta, cfg.optim.lars_epsilon, cfg.train.label_smoothing) == (1e-3, 0.0, 0.1)
+    assert not cfg.optim.decay_bn_and_bias
+    assert warn_large_batch(cfg.optim, 32768, is_main=False) is None

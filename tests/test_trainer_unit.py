@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data.errors import DataError
-from trainer import distributed
+from trainer import distributed, optim
 from trainer.config import load_config
 from trainer.distributed import Dist
 from trainer.errors import Diverged
@@ -46,10 +46,12 @@ def test_a_step_is_forward_loss_backward_update(tmp_path):
         assert torch.equal(ours, theirs), name
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_a_non_finite_step_leaves_the_model_as_it_was_and_is_counted(tmp_path, precision):
+@pytest.mark.parametrize("precision, optimizer", [("fp32", "sgd"), ("bf16", "sgd"), ("fp16", "sgd"),
+                                                  ("fp32", "lars")])
+def test_a_non_finite_step_leaves_the_model_as_it_was_and_is_counted(tmp_path, precision, optimizer):
     # fp16 trains with a GradScaler: its skipped steps count too (on the CPU here, as torch supports it).
-    with make_trainer(tmp_path, f"train.precision={precision}", "optim.ema_decay=0.9") as trainer:
+    with make_trainer(tmp_path, f"train.precision={precision}", f"optim.name={optimizer}",
+                      "optim.ema_decay=0.9") as trainer:
         batches = iter(trainer.train_loader)
         trainer.train_step([next(batches)])  # momentum buffers and the EMA are under way
         images, labels = next(batches)
@@ -126,6 +128,13 @@ def test_the_monitor_is_closed_when_training_diverges(tmp_path):
 def test_a_train_split_smaller_than_a_global_batch_is_named(tmp_path):
     with pytest.raises(DataError, match="smaller than one global batch"):
         make_trainer(tmp_path, "train.grad_accum=16")
+
+
+def test_a_global_batch_beyond_the_optimizer_s_known_limit_is_warned_once(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(optim.GLOBAL_BATCH_LIMITS, "sgd", optim.GLOBAL_BATCH_LIMITS["sgd"]._replace(images=4))
+    make_trainer(tmp_path).close()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "global batch" in line]
+    assert len(warnings) == 1 and "of 8 images" in warnings[0]
 
 
 def _fail_on_rank_1(rank, port, results):

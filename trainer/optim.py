@@ -1,7 +1,9 @@
-"""The recipe's optimizer side: SGD with parameter groups, the linear scaling rule, warmup + decay, EMA of weights."""
+"""The recipe's optimizer side: SGD or LARS with parameter groups, the linear scaling rule, warmup + decay, EMA of
+weights."""
 import math
+import sys
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -9,25 +11,37 @@ from torch.optim.swa_utils import AveragedModel
 
 from data.errors import ConfigError
 
-SCHEDULES = ("cosine", "step", "constant")
+OPTIMIZERS = ("sgd", "lars")
+SCHEDULES = ("cosine", "step", "poly", "constant")
 
 
 @dataclass
 class OptimConfig:
+    name: str = "sgd"
+    """sgd (momentum SGD) or lars (momentum SGD with a per-layer trust ratio, MLPerf's ResNet-50 optimizer for
+    global batches beyond the ~8k that SGD's linear scaling rule is known to hold to)."""
     lr: float = 0.1
     """Learning rate per 256 images; the run uses lr x global_batch / 256 (Goyal et al.'s linear scaling rule)."""
     momentum: float = 0.9
-    """SGD momentum."""
+    """Momentum (SGD and LARS)."""
     nesterov: bool = False
     """Nesterov momentum."""
     weight_decay: float = 1e-4
     """L2 weight decay, applied to conv and linear weights only."""
     decay_bn_and_bias: bool = False
-    """Also decay BN parameters and biases (off in the recipe)."""
+    """Also decay BN parameters and biases (off in the recipe); with lars, also scale their lr by the trust ratio."""
+    lars_eta: float = 0.001
+    """LARS trust coefficient eta: a layer's lr is multiplied by eta x ||w|| / (||g|| + weight_decay x ||w|| +
+    lars_epsilon) (You et al. 2017; MLPerf's reference uses 0.001)."""
+    lars_epsilon: float = 0.0
+    """Added to the denominator of the LARS trust ratio; MLPerf's ResNet-50 runs log 0 (zero norms give a trust
+    ratio of 1 regardless)."""
     ema_decay: float = 0.0
     """Decay of an exponential moving average of the weights, evaluated separately; 0 turns it off."""
 
     def __post_init__(self):
+        if self.name not in OPTIMIZERS:
+            raise ConfigError("optim.name", f"got {self.name!r}; allowed: {', '.join(OPTIMIZERS)}")
         if not self.lr > 0:
             raise ConfigError("optim.lr", f"must be positive, got {self.lr}")
         if not 0 <= self.momentum < 1:
@@ -38,18 +52,27 @@ class OptimConfig:
             raise ConfigError("optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError("optim.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        if not self.lars_eta > 0:
+            raise ConfigError("optim.lars_eta", f"must be positive, got {self.lars_eta}")
+        if self.lars_epsilon < 0:
+            raise ConfigError("optim.lars_epsilon", f"must be >= 0, got {self.lars_epsilon}")
 
 
 @dataclass
 class ScheduleConfig:
     name: str = "cosine"
-    """Decay after warmup: cosine (to 0 at the last step), step (x gamma at each milestone) or constant."""
+    """Decay after warmup: cosine (to 0 at the last step), step (x gamma at each milestone), poly (polynomial, to
+    end_lr_factor at the last step; MLPerf's LARS schedule) or constant."""
     warmup_epochs: float = 5.0
     """Epochs of per-iteration linear warmup from 0 to the scaled lr."""
     milestones: List[int] = field(default_factory=lambda: [30, 60, 80])
     """Step decay: epochs at which the lr is multiplied by gamma."""
     gamma: float = 0.1
     """Step decay factor."""
+    power: float = 2.0
+    """Poly decay: the exponent of (1 - progress); MLPerf's ResNet-50 LARS schedule uses 2."""
+    end_lr_factor: float = 0.0
+    """Poly decay: the lr reached at the end of the schedule, as a fraction of the scaled lr."""
 
     def __post_init__(self):
         if self.name not in SCHEDULES:
@@ -60,19 +83,97 @@ class ScheduleConfig:
             raise ConfigError("schedule.milestones", f"must be increasing positive epochs, got {list(self.milestones)}")
         if not 0 < self.gamma <= 1:
             raise ConfigError("schedule.gamma", f"must be in (0, 1], got {self.gamma}")
+        if not self.power > 0:
+            raise ConfigError("schedule.power", f"must be positive, got {self.power}")
+        if not 0 <= self.end_lr_factor < 1:
+            raise ConfigError("schedule.end_lr_factor", f"must be in [0, 1), got {self.end_lr_factor}")
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
     return cfg.lr * global_batch / 256
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.SGD:
+class LARS(torch.optim.Optimizer):
+    """Momentum SGD with layer-wise adaptive rate scaling, as in MLPerf's ResNet-50 reference.
+
+    For each parameter w with gradient g in a group with `lars_adapt` (conv and linear weights):
+        trust = eta * ||w|| / (||g|| + weight_decay * ||w|| + epsilon), or 1 where ||w|| or ||g|| is 0
+        v <- momentum * v + lr * trust * (g + weight_decay * w)
+        w <- w - v                      (nesterov: w <- w - (momentum * v + lr * trust * (g + weight_decay * w)))
+    and the same without the trust ratio in the other groups (BN and bias, which the reference neither adapts nor
+    decays). Unlike torch.optim.SGD, the buffer holds lr-scaled updates, as in the reference's TF and MXNet
+    momentum: a new lr applies to new gradients, not to the velocity already gathered.
+
+    Followed: mlcommons/training, image_classification/tensorflow2/lars_optimizer.py (LARSOptimizer.compute_lr,
+    _resource_apply_dense) with the skip list of common.get_optimizer; You, Gitman and Ginsburg, "Large Batch
+    Training of Convolutional Networks", arXiv:1708.03888.
+
+    `step()` never reads a tensor's value on the host (zero norms are handled with torch.where), so it does not
+    wait for the device.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False,
+                 eta: float = 1e-3, epsilon: float = 0.0, lars_adapt: bool = True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                                      eta=eta, epsilon=epsilon, lars_adapt=lars_adapt))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Set by the trainer (trainer/nonfinite.py): 1.0 when this step's gradients are not finite. The step then
+        # changes nothing, decided on the device: the new values are computed and the old ones put back.
+        found_inf = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            buffers = []
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                buffers.append(self.state[p]["momentum_buffer"])
+            if found_inf is not None:
+                before = [t.clone() for t in params + buffers]
+            grads = [p.grad for p in params]
+            lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
+            # torch._foreach_*: a few kernels per group instead of several per tensor, as torch.optim's own
+            # optimizers and clip_grad_norm_ do.
+            if group["lars_adapt"]:
+                w_norm = torch.stack(torch._foreach_norm(params))
+                g_norm = torch.stack(torch._foreach_norm(grads))
+                ratio = group["eta"] * w_norm / (g_norm + wd * w_norm + group["epsilon"])
+                scale = list((lr * torch.where((w_norm > 0) & (g_norm > 0), ratio, 1.0)).unbind())
+            else:
+                scale = lr
+            updates = torch._foreach_add(grads, params, alpha=wd)  # new tensors: the gradients stay as they are
+            torch._foreach_mul_(updates, scale)
+            torch._foreach_mul_(buffers, momentum)
+            torch._foreach_add_(buffers, updates)
+            if group["nesterov"]:
+                torch._foreach_add_(updates, buffers, alpha=momentum)
+            torch._foreach_sub_(params, updates if group["nesterov"] else buffers)
+            if found_inf is not None:
+                skipped = found_inf.bool()
+                for now, then in zip(params + buffers, before):
+                    torch.where(skipped, then, now, out=now)
+        return loss
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             # ndim <= 1: BN scales and shifts, biases. Decaying them only hurts accuracy (Goyal et al., Jia et al.).
             (no_decay if p.ndim <= 1 and not cfg.decay_bn_and_bias else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.name == "lars":
+        # What the reference leaves undecayed it also leaves unadapted (its skip list: batch_normalization, bias).
+        groups[0]["lars_adapt"], groups[1]["lars_adapt"] = True, False
+        return LARS(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, eta=cfg.lars_eta,
+                    epsilon=cfg.lars_epsilon)
     # Fused: one kernel per step, and it takes `found_inf`, so a step with non-finite gradients is skipped on the
     # device instead of the host asking the GPU first (trainer/nonfinite.py).
     optimizer = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
@@ -80,8 +181,39 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
         # Fused SGD leaves a momentum buffer uninitialised when the first step is skipped (GradScaler's first
         # steps often are); zeros give the first real step exactly the lazy buffer's value, momentum x 0 + grad.
         for p in decay + no_decay:
-            optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
     return optimizer
+
+
+class BatchLimit(NamedTuple):
+    images: int
+    """The largest global batch at which the optimizer is known to reach full ResNet-50 accuracy on ImageNet."""
+    source: str
+    advice: str
+
+
+GLOBAL_BATCH_LIMITS = {
+    "sgd": BatchLimit(8192, "Goyal et al. 2017, 'Accurate, Large Minibatch SGD': lr 0.1 x batch/256 with 5 warmup "
+                            "epochs matches the 256-image accuracy up to 8k images",
+                      "for larger batches use LARS: --config configs/resnet50_imagenet_lars.yaml, or optim.name=lars "
+                      "with schedule.name=poly"),
+    "lars": BatchLimit(67840, "MLPerf Training's ResNet-50 reference convergence points, mlcommons/logging "
+                              "rcps_resnet.json, reach the target with LARS at up to 65536 and 67840 images",
+                       "expect lower accuracy unless the lr, warmup, momentum and epochs are retuned"),
+}
+
+
+def warn_large_batch(cfg: OptimConfig, global_batch: int, is_main: bool) -> Optional[str]:
+    """Returns a warning when `global_batch` is beyond what optim.name is known to handle, and prints it on the
+    main process; returns None within the limit."""
+    limit = GLOBAL_BATCH_LIMITS[cfg.name]
+    if global_batch <= limit.images:
+        return None
+    warning = (f"warning: a global batch of {global_batch} images is beyond the {limit.images} that "
+               f"optim.name={cfg.name} is known to train ResNet-50 at ({limit.source}); {limit.advice}")
+    if is_main:
+        print(warning, file=sys.stderr, flush=True)
+    return warning
 
 
 def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
@@ -89,9 +221,11 @@ def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps:
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     if step < warmup:
         return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     if cfg.name == "cosine":
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.name == "poly":
+        return cfg.end_lr_factor + (1 - cfg.end_lr_factor) * (1 - progress) ** cfg.power
     if cfg.name == "step":
         epoch = step / steps_per_epoch
         return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)

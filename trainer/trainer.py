@@ -26,7 +26,7 @@ from trainer.metrics import Sums, correct_topk
 from trainer.models import build_model
 from trainer.monitor import Monitor
 from trainer.nonfinite import NonFiniteGuard
-from trainer.optim import build_ema, build_optimizer, build_scheduler, scaled_lr
+from trainer.optim import build_ema, build_optimizer, build_scheduler, scaled_lr, warn_large_batch
 from trainer.preemption import StopFlag
 from trainer.rng import rng_state, seed_everything, set_rng_state
 from trainer.run_dir import RunDir
@@ -89,6 +89,7 @@ class Trainer:
         self.raw_model = self._build_model()
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
         self.optimizer = build_optimizer(self.raw_model, cfg.optim, scaled_lr(cfg.optim, self.global_batch))
+        warn_large_batch(cfg.optim, self.global_batch, d.is_main)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.steps_per_epoch, self.total_steps)
         # Disabled outside fp16: scale() and update() are then no-ops and step() is optimizer.step().
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
