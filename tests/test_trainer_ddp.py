@@ -156,6 +156,6 @@ def test_sync_bn_on_cpu_warns_once_and_accumulation_steps_count(tiny_data, tmp_p
 def test_resuming_with_another_world_size_is_an_error(uninterrupted, tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(uninterrupted[0], run_dir)
-    result = run_trainer(1, *TINY, "train.epochs=3", f"data.root={tiny_data}", f"run.dir={run_dir}")
+    result = run_trainer(1, *TINY, f"data.root={tiny_data}", f"run.dir={run_dir}")
     assert result.returncode == 1
     assert "world size=2, this run has world size=1" in result.stderr
