@@ -1,4 +1,5 @@
-"""The root config: the components' dataclasses composed, merged from defaults <- YAML <- command line, validated once."""
+"""The root config: the components' dataclasses composed, merged from defaults <- YAML <- command line, validated
+once."""
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from trainer.monitor import MonitorConfig
 from trainer.optim import OptimConfig, ScheduleConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+MAX_BATCH_SIZE = 65536
+MAX_THREADS = 1024
 
 
 @dataclass
@@ -28,7 +31,8 @@ class RunConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 256
-    """Images per process per micro-batch; the global batch is batch_size x world_size x grad_accum."""
+    """Images per process per micro-batch; the global batch is batch_size x world_size x grad_accum. At most 65536:
+    that many 224 px crops are 39 GB in fp32, more than one accelerator holds."""
     epochs: int = 90
     """Epochs of the schedule."""
     max_steps: int = 0
@@ -57,7 +61,8 @@ class TrainConfig:
     """Steps between the ranks' agreement on a stop signal (a host-side all-reduce that waits for the slowest
     rank); Slurm's 120 s warning leaves room for many steps, and checking every step would stall fast GPUs."""
     threads: int = 0
-    """Intra-op CPU threads per process; 0 keeps PyTorch's default (torchrun sets OMP_NUM_THREADS=1)."""
+    """Intra-op CPU threads per process; 0 keeps PyTorch's default (torchrun sets OMP_NUM_THREADS=1). At most
+    1024, past any host's core count (torch.set_num_threads takes a C int)."""
 
     def __post_init__(self):
         for key in ("batch_size", "epochs", "grad_accum", "eval_every_epochs", "max_nonfinite_steps",
@@ -67,6 +72,10 @@ class TrainConfig:
         for key in ("max_steps", "threads"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
+        if self.batch_size > MAX_BATCH_SIZE:
+            raise ConfigError("train.batch_size", f"must be <= {MAX_BATCH_SIZE} per process, got {self.batch_size}")
+        if self.threads > MAX_THREADS:
+            raise ConfigError("train.threads", f"must be <= {MAX_THREADS}, got {self.threads}")
         if self.precision not in PRECISIONS:
             raise ConfigError("train.precision", f"got {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
         if not 0 <= self.label_smoothing < 1:
@@ -76,7 +85,8 @@ class TrainConfig:
 @dataclass
 class Config:
     seed: int = 0
-    """Seed of model init, data order and augmentation; the same seed gives the same run."""
+    """Seed of model init, data order and augmentation; the same seed gives the same run. In [0, 2**32): numpy's
+    seed is 32 bits."""
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -86,6 +96,10 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def __post_init__(self):
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError("seed", f"must be in [0, 2**32), got {self.seed}")
 
 
 def _config_error(e: OmegaConfBaseException, source: str) -> ConfigError:
