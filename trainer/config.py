@@ -1,9 +1,10 @@
 """The root config: the components' dataclasses composed, merged from defaults <- YAML <- command line, validated
 once."""
 import argparse
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -17,6 +18,9 @@ from trainer.monitor import MonitorConfig
 from trainer.optim import OptimConfig, ScheduleConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# Past 2**53 an int is no longer exact as a float (metrics.jsonl, W&B) and overflows the C types torch, numpy and
+# DALI take; no count this trainer makes comes near it. Fields with a real limit check a tighter one.
+MAX_INT = 2**53
 MAX_BATCH_SIZE = 65536
 MAX_THREADS = 1024
 
@@ -102,12 +106,38 @@ class Config:
             raise ConfigError("seed", f"must be in [0, 2**32), got {self.seed}")
 
 
-def _config_error(e: OmegaConfBaseException, source: str) -> ConfigError:
-    key = getattr(e, "full_key", None) or "?"
-    message = str(getattr(e, "msg", e)).splitlines()[0]
+def _describe(e: OmegaConfBaseException) -> Tuple[str, str]:
+    key = getattr(e, "full_key", None) or ""
+    message = str(getattr(e, "msg", None) or e).splitlines()[0]
     if type(e).__name__ == "ConfigKeyError":
         message = f"unknown key ({message})"
-    return ConfigError(key, f"{message} [from {source}]")
+    return key, message
+
+
+def _config_error(e: OmegaConfBaseException, source: str) -> ConfigError:
+    key, message = _describe(e)
+    return ConfigError(key or "?", f"{message} [from {source}]")
+
+
+def _numbers(node, key: str = "") -> Iterator[Tuple[str, object]]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _numbers(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _numbers(v, f"{key}[{i}]")
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        yield key, node
+
+
+def _check_numbers(values: dict) -> None:
+    """Every float finite and every int within MAX_INT, before the dataclasses' own checks run: nan fails every
+    comparison, so a check like `x < 0` lets it through, and inf or 10**23 crash the code they reach."""
+    for key, value in _numbers(values):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(key, f"must be a finite number, got {value}")
+        if isinstance(value, int) and abs(value) > MAX_INT:
+            raise ConfigError(key, f"must be within +-2**53, got {value}")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -134,11 +164,16 @@ def load_config(config_file: Optional[Path], overrides: List[str]) -> Config:
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
-            raise _config_error(e, "the command line") from None
-    if merged.run.dir is None:
-        merged.run.dir = str(Path("runs") / (config_file.stem if config_file else "default"))
+            key, message = _describe(e)
+            raise ConfigError(key or item.split("=")[0] or item, f"{message} [from the command line]") from None
     try:
+        if merged.run.dir is None:
+            merged.run.dir = str(Path("runs") / (config_file.stem if config_file else "default"))
+        _check_numbers(OmegaConf.to_container(merged, resolve=True))
         cfg = OmegaConf.to_object(merged)  # instantiates the dataclasses, running each __post_init__ check
+        # The run writes it as its config.yaml; a merge lets a few mistyped values through (a list in a list of
+        # strings) that only this finds.
+        OmegaConf.structured(cfg)
     except OmegaConfBaseException as e:
         raise _config_error(e, "the merged config") from None
     return cfg
