@@ -1,12 +1,14 @@
 """The root config: the components' dataclasses composed, merged from defaults <- YAML <- command line, validated
 once."""
 import argparse
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.config import DataConfig
@@ -119,6 +121,59 @@ def _config_error(e: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(key or "?", f"{message} [from {source}]")
 
 
+def _key_lines(text: str) -> Dict[str, int]:
+    """The line of every key and list item of a YAML text that parsed, as omegaconf names them (a.b, a.b[0])."""
+    lines = {}
+
+    def visit(node: yaml.Node, key: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            children = [(f"{key}.{k.value}" if key else str(k.value), k, v) for k, v in node.value]
+        elif isinstance(node, yaml.SequenceNode):
+            children = [(f"{key}[{i}]", v, v) for i, v in enumerate(node.value)]
+        else:
+            return
+        for child_key, marked, child in children:
+            lines.setdefault(child_key, marked.start_mark.line + 1)
+            visit(child, child_key)
+
+    visit(yaml.compose(text, Loader=yaml.SafeLoader), "")  # compose builds nodes only: no tag is constructed
+    return lines
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError("--config", f"{path}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError("--config", f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); "
+                                      "is this a YAML file?") from None
+
+
+def _parse_yaml(path: Path, text: str) -> DictConfig:
+    """The file's mapping; a YAML error or a document that is not a mapping raises ConfigError naming the line."""
+    try:
+        # omegaconf loads with yaml's SafeLoader: a tag such as !!python/object/apply builds nothing and runs nothing.
+        loaded = OmegaConf.load(io.StringIO(text))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        problem = f"{e.context}: {e.problem}" if e.context else e.problem
+        raise ConfigError("--config", f"{path}:{mark.line + 1 if mark else 1}: {problem}") from None
+    except yaml.reader.ReaderError as e:  # a character YAML forbids, such as NUL
+        line = text.count("\n", 0, e.position) + 1
+        raise ConfigError("--config", f"{path}:{line}: {str(e).splitlines()[0]}") from None
+    except OSError:  # omegaconf's answer to a document that is a single number
+        loaded = None
+    if not isinstance(loaded, DictConfig):
+        kind = "a list" if isinstance(loaded, ListConfig) else "a single value"
+        raise ConfigError("--config", f"{path}:1: the top level must be a mapping of keys (seed: 0, train: ...), "
+                                      f"not {kind}")
+    return loaded
+
+
 def _numbers(node, key: str = "") -> Iterator[Tuple[str, object]]:
     if isinstance(node, dict):
         for k, v in node.items():
@@ -154,10 +209,13 @@ def load_config(config_file: Optional[Path], overrides: List[str]) -> Config:
     if config_file is not None:
         if not config_file.is_file():
             raise ConfigError("--config", f"no such file: {config_file}")
+        text = _read_text(config_file)
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.load(config_file))  # YAML is data: safe_load, no tags
-        except OmegaConfBaseException as e:
-            raise _config_error(e, str(config_file)) from None
+            merged = OmegaConf.merge(merged, _parse_yaml(config_file, text))
+        except OmegaConfBaseException as e:  # an unknown key, a wrong type, a bad interpolation
+            key, message = _describe(e)
+            line = _key_lines(text).get(key, 1)
+            raise ConfigError(key or "--config", f"{config_file}:{line}: {message}") from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(item, "overrides take the form key=value")
