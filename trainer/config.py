@@ -3,6 +3,7 @@ once."""
 import argparse
 import io
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -235,6 +236,33 @@ def load_config(config_file: Optional[Path], overrides: List[str]) -> Config:
     except OmegaConfBaseException as e:
         raise _config_error(e, "the merged config") from None
     return cfg
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    return next(p for p in (path, *path.parents) if os.path.lexists(p))
+
+
+def check_paths(cfg: Config) -> None:
+    """The dataset root is a directory and run.dir can be made and written, checked on every rank before any
+    process group or data is touched. os.access answers for this user: as root, permission bits do not stop a
+    write, but a read-only filesystem still does."""
+    root = Path(cfg.data.root)
+    if cfg.data.backend != "synthetic":
+        if os.path.lexists(root) and not root.is_dir():
+            raise ConfigError("data.root", f"{root} is not a directory")
+        if not cfg.data.demo and not root.is_dir():
+            raise ConfigError("data.root", f"{root} does not exist (data.demo=true would generate the demo "
+                                           "dataset there)")
+    run_dir = Path(cfg.run.dir)
+    existing = _nearest_existing(run_dir)
+    where = "" if existing == run_dir.absolute() else f" (run.dir is {run_dir})"
+    if not existing.is_dir():
+        raise ConfigError("run.dir", f"{existing} is not a directory{where}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+        reason = "is on a read-only filesystem" if read_only else "is not writable by this user"
+        raise ConfigError("run.dir", f"{existing} {reason}{where}")
 
 
 def to_yaml(cfg: Config) -> str:
