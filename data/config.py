@@ -9,6 +9,11 @@ TORCHVISION_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 TORCHVISION_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 BACKENDS = ("dali", "torchvision", "synthetic")
 TORCHVISION_DECODERS = ("pil", "tensor")
+MAX_IMAGE_SIZE = 4096
+MAX_VAL_RESIZE = 8192
+MAX_THREADS = 1024
+MAX_PREFETCH = 32
+MAX_CLASSES = 100_000
 
 
 @dataclass
@@ -20,9 +25,11 @@ class DataConfig:
     backend: str = "dali"
     """Input pipeline: dali (GPU decode, or CPU where there is no GPU), torchvision (PIL), synthetic."""
     image_size: int = 224
-    """Side of the square training and validation crops, in pixels."""
+    """Side of the square training and validation crops, in pixels. At most 4096: one such crop is 200 MB in
+    fp32, and at 100000 DALI's resize fails with std::bad_alloc."""
     val_resize: int = 256
-    """Validation: the shorter side is resized to this before the center crop."""
+    """Validation: the shorter side is resized to this before the center crop. At most 8192 (twice the largest
+    crop), for the same reason."""
     crop_area: List[float] = field(default_factory=lambda: [0.08, 1.0])
     """RandomResizedCrop area range, as a fraction of the image."""
     crop_aspect: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
@@ -32,9 +39,11 @@ class DataConfig:
     std: Optional[List[float]] = None
     """Per-channel divisor after mean subtraction; null keeps the seed's recipe (no division)."""
     num_threads: int = 4
-    """CPU threads per process for decoding and augmentation (DALI) or loader workers (torchvision)."""
+    """CPU threads per process for decoding and augmentation (DALI) or loader workers (torchvision). At most
+    1024, past any host's core count."""
     prefetch: int = 2
-    """Batches prepared ahead of the one being consumed."""
+    """Batches prepared ahead of the one being consumed. At most 32: each one is held in memory (on the GPU for
+    DALI), and a few already hide the decoding jitter."""
     hw_decoder_load: float = 0.65
     """Share of JPEG decoding sent to the A100/H100 hardware decoder (GPU decode only)."""
     file_list: Optional[str] = None
@@ -43,18 +52,19 @@ class DataConfig:
     """JPEG decoding of the torchvision backend: pil (ImageFolder's loader, PIL transforms) or tensor
     (torchvision.io.decode_jpeg, then the v2 transforms on uint8 tensors)."""
     num_classes: int = 1000
-    """Classes of the synthetic backend; the folder backends take it from the dataset."""
+    """Classes of the synthetic backend; the folder backends take it from the dataset. At most 100000 (ImageNet-21k
+    has 21841): the loader names every class and the classifier has one output each."""
     synthetic_samples: int = 1281167
     """Images per epoch of the synthetic backend."""
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ConfigError("data.backend", f"got {self.backend!r}; allowed: {', '.join(BACKENDS)}")
-        if self.image_size <= 0:
-            raise ConfigError("data.image_size", f"must be positive, got {self.image_size}")
-        if self.val_resize < self.image_size:
-            raise ConfigError("data.val_resize",
-                              f"must be >= data.image_size ({self.image_size}), got {self.val_resize}")
+        if not 0 < self.image_size <= MAX_IMAGE_SIZE:
+            raise ConfigError("data.image_size", f"must be in [1, {MAX_IMAGE_SIZE}], got {self.image_size}")
+        if not self.image_size <= self.val_resize <= MAX_VAL_RESIZE:
+            raise ConfigError("data.val_resize", f"must be in [data.image_size ({self.image_size}), "
+                                                 f"{MAX_VAL_RESIZE}], got {self.val_resize}")
         for key, pair in (("data.crop_area", self.crop_area), ("data.crop_aspect", self.crop_aspect)):
             if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
                 raise ConfigError(key, f"must be [low, high] with 0 < low <= high, got {list(pair)}")
@@ -65,17 +75,17 @@ class DataConfig:
             raise ConfigError("data.mean", f"needs 3 values (R, G, B), got {len(self.mean)}")
         if self.std is not None and (len(self.std) != 3 or min(self.std) <= 0):
             raise ConfigError("data.std", f"needs 3 positive values (R, G, B) or null, got {list(self.std)}")
-        if self.num_threads < 1:
-            raise ConfigError("data.num_threads", f"must be >= 1, got {self.num_threads}")
-        if self.prefetch < 1:
-            raise ConfigError("data.prefetch", f"must be >= 1, got {self.prefetch}")
+        if not 1 <= self.num_threads <= MAX_THREADS:
+            raise ConfigError("data.num_threads", f"must be in [1, {MAX_THREADS}], got {self.num_threads}")
+        if not 1 <= self.prefetch <= MAX_PREFETCH:
+            raise ConfigError("data.prefetch", f"must be in [1, {MAX_PREFETCH}], got {self.prefetch}")
         if not 0 <= self.hw_decoder_load <= 1:
             raise ConfigError("data.hw_decoder_load", f"must be in [0, 1], got {self.hw_decoder_load}")
         if self.torchvision_decoder not in TORCHVISION_DECODERS:
             raise ConfigError("data.torchvision_decoder",
                               f"got {self.torchvision_decoder!r}; allowed: {', '.join(TORCHVISION_DECODERS)}")
-        if self.num_classes < 1:
-            raise ConfigError("data.num_classes", f"must be >= 1, got {self.num_classes}")
+        if not 1 <= self.num_classes <= MAX_CLASSES:
+            raise ConfigError("data.num_classes", f"must be in [1, {MAX_CLASSES}], got {self.num_classes}")
         if self.synthetic_samples < 1:
             raise ConfigError("data.synthetic_samples", f"must be >= 1, got {self.synthetic_samples}")
 

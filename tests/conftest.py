@@ -10,8 +10,9 @@ from tests.slurm_cluster import LocalSlurm, missing_reason
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """For helpers.TINY: 4 classes x 24 train / 4 val images, 12 steps per epoch at 2 processes x batch 4."""
+    # One worker: a fork pool started after in-process tests have started threads (DALI's, torch's) can deadlock.
     return make_demo_dataset(tmp_path_factory.mktemp("tiny") / "data",
-                             DemoParams(seed=1, classes=4, train_per_class=24, val_per_class=4))
+                             DemoParams(seed=1, classes=4, train_per_class=24, val_per_class=4), workers=1)
 
 
 @pytest.fixture(scope="session")

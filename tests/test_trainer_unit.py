@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from data.errors import DataError
+from data.errors import ConfigError, DataError
 from trainer import distributed, optim
 from trainer.config import load_config
 from trainer.distributed import Dist
@@ -126,7 +126,7 @@ def test_the_monitor_is_closed_when_training_diverges(tmp_path):
 
 
 def test_a_train_split_smaller_than_a_global_batch_is_named(tmp_path):
-    with pytest.raises(DataError, match="smaller than one global batch"):
+    with pytest.raises(ConfigError, match="smaller than one global batch"):
         make_trainer(tmp_path, "train.grad_accum=16")
 
 

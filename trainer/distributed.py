@@ -10,6 +10,7 @@ from data.errors import ConfigError, DataError
 from trainer.errors import CheckpointError, Diverged, UserInputError
 
 BACKENDS = ("auto", "nccl", "gloo")
+MAX_TIMEOUT_S = 24 * 3600
 
 
 @dataclass
@@ -17,16 +18,19 @@ class DistributedConfig:
     backend: str = "auto"
     """Collective backend: auto picks nccl on CUDA and gloo on CPU."""
     init_timeout_s: float = 600.0
-    """Seconds every rank waits for the others to join the process group."""
+    """Seconds every rank waits for the others to join the process group. At most a day (86400): longer is a
+    hang, not a wait (and inf overflows the timedelta torch takes)."""
     timeout_s: float = 600.0
-    """Seconds a collective may wait for a peer before the job fails with an error instead of hanging."""
+    """Seconds a collective may wait for a peer before the job fails with an error instead of hanging. At most a
+    day, like init_timeout_s."""
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ConfigError("distributed.backend", f"got {self.backend!r}; allowed: {', '.join(BACKENDS)}")
         for key in ("init_timeout_s", "timeout_s"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"distributed.{key}", f"must be positive, got {getattr(self, key)}")
+            if not 0 < getattr(self, key) <= MAX_TIMEOUT_S:
+                raise ConfigError(f"distributed.{key}", f"must be in (0, {MAX_TIMEOUT_S}] seconds, "
+                                                        f"got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)

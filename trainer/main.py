@@ -5,7 +5,7 @@ import torch
 
 from data.errors import ConfigError, DataError
 from trainer import distributed
-from trainer.config import load_config, parse_args, to_yaml
+from trainer.config import check_paths, load_config, parse_args, to_yaml
 from trainer.errors import CheckpointError, Diverged, UserInputError
 
 EXIT_USAGE = 2
@@ -22,6 +22,8 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         if cfg.train.precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError("train.precision", "fp16 needs a CUDA device (GradScaler); on CPU use bf16 or fp32")
+        if not args.print_config:
+            check_paths(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -9,11 +9,18 @@ EXIT_CODES = {signal.SIGUSR1: 0, signal.SIGTERM: 128 + signal.SIGTERM}
 class StopFlag:
     def __init__(self):
         self.signum = None
+        self._previous = {}
 
     def install(self) -> "StopFlag":
         for signum in EXIT_CODES:
-            signal.signal(signum, self._handle)
+            self._previous[signum] = signal.signal(signum, self._handle)
         return self
+
+    def uninstall(self) -> None:
+        """Puts back the handlers install() replaced: once training is over, SIGTERM ends the process again."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from data.config import preprocessing
-from data.errors import ConfigError, DataError
+from data.errors import ConfigError
 from data.loader import build_loader
 from trainer import distributed
 from trainer.checkpoint import Checkpointer
@@ -114,6 +114,7 @@ class Trainer:
 
     def close(self) -> None:
         """Finishes the metrics file and the W&B run and releases run.dir; safe on any exit, more than once."""
+        self.stop.uninstall()
         if self.monitor is not None:
             self.monitor.close()
         self.run.close()
@@ -151,7 +152,7 @@ class Trainer:
         train, world_size = self.cfg.train, self.dist.world_size
         self.steps_per_epoch = len(self.train_loader) // train.grad_accum
         if self.steps_per_epoch == 0:
-            raise DataError(f"{self.cfg.data.root}: the train split is smaller than one global batch "
+            raise ConfigError("train.batch_size", f"the train split is smaller than one global batch "
                             f"(train.batch_size={train.batch_size} x {world_size} ranks x "
                             f"train.grad_accum={train.grad_accum})")
         self.total_steps = train.epochs * self.steps_per_epoch

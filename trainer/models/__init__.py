@@ -4,6 +4,7 @@ from typing import Optional
 
 from torch import nn
 
+from data.config import MAX_CLASSES
 from data.errors import ConfigError
 from trainer.models.resnet import MODEL_NAMES, option_errors, resnet
 
@@ -26,9 +27,12 @@ class ModelConfig:
     zero_init_residual: bool = False
     """Start the last BN scale of every residual block at 0, so each block begins as relu(shortcut(x))."""
     num_classes: Optional[int] = None
-    """Classifier outputs; null takes the number of classes from the dataset."""
+    """Classifier outputs; null takes the number of classes from the dataset. At most 100000, like
+    data.num_classes."""
 
     def __post_init__(self):
+        if self.num_classes is not None and self.num_classes > MAX_CLASSES:
+            raise ConfigError("model.num_classes", f"must be <= {MAX_CLASSES}, got {self.num_classes}")
         errors = option_errors(self.name, self.shortcut, self.stride_in_1x1, self.zero_init_residual, self.num_classes)
         if errors:
             field, message = errors[0]
