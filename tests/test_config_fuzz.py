@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from data.errors import ConfigError
-from tests.conftest import ROOT, trainer_env
+from tests.helpers import ROOT, trainer_env
 from trainer.config import Config, check_paths, load_config
 from trainer.main import main
 
