@@ -138,7 +138,10 @@ class LocalSlurm:
             f"SlurmctldLogFile={self.root / 'slurmctld.log'}",
             f"SlurmdLogFile={self.root / 'slurmd-%n.log'}",
             "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
+            # Bind each task to cores unless srun says otherwise, as many sites do: a launcher with one task per
+            # node must still give that task all of the node's CPUs (tests/test_launch_slurm.py checks the workers).
+            "TaskPlugin=task/affinity",
+            "TaskPluginParam=Cores",
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_CPU",
             "SchedulerType=sched/builtin",
@@ -151,7 +154,8 @@ class LocalSlurm:
             "JobRequeue=1",
             # Keep finished jobs visible to scontrol long enough for a test to read their state.
             "MinJobAge=600",
-            "KillWait=10",
+            # Slurm's default: what a stopping job has between SIGTERM and SIGKILL to save its checkpoint.
+            "KillWait=30",
             "SlurmdTimeout=30",
             "InactiveLimit=0",
             (f"NodeName={nodes} NodeHostname={host} NodeAddr=127.0.0.1 Port={node_port}-{node_port + len(NODES) - 1} "

@@ -66,3 +66,14 @@ def test_image_runs_torchrun_as_non_root():
     users = re.findall(r"^USER\s+(\S+)", text, flags=re.MULTILINE)
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert re.search(r'^ENTRYPOINT \["torchrun"\]', text, flags=re.MULTILINE)
+
+
+def _apt_packages():
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    return {word for command in re.findall(r"apt-get install ([^&\n]*)", text)
+            for word in command.split() if not word.startswith("-")}
+
+
+def test_image_has_the_infiniband_userspace_nccl_needs_between_nodes():
+    """Without libibverbs and its providers (mlx5 ...) NCCL falls back to TCP sockets between nodes."""
+    assert {"libibverbs1", "ibverbs-providers"} <= _apt_packages()
