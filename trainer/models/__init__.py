@@ -27,6 +27,13 @@ class ModelConfig:
     """Start the last BN scale of every residual block at 0, so each block begins as relu(shortcut(x))."""
     num_classes: Optional[int] = None
     """Classifier outputs; null takes the number of classes from the dataset."""
+    init_from: Optional[str] = None
+    """Start from these weights: a torchvision state dict (.pt/.pth), a checkpoint of this trainer (its `model`) or
+    a .safetensors export. Weights only: optimizer, schedule, step and data order start afresh. Ignored, with a
+    notice, once run.dir has a checkpoint: resume wins."""
+    init_head: bool = True
+    """Take the classifier (fc) from model.init_from too; false starts it afresh, for fine-tuning on another
+    dataset or class count."""
 
     def __post_init__(self):
         errors = option_errors(self.name, self.shortcut, self.stride_in_1x1, self.zero_init_residual, self.num_classes)
