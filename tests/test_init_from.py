@@ -100,6 +100,7 @@ def test_the_entry_point_exits_2_on_a_bad_file(tmp_path, capsys):
     assert "model.init_from: no such file" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_run_with_checkpoints_resumes_and_ignores_init_from(source, tmp_path, capsys):
     run_dir = tmp_path / "run"
     own = one_step_checkpoint(run_dir)

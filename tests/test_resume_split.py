@@ -9,6 +9,8 @@ from tests.test_trainer_unit import ALONE, SMALL
 from trainer.config import load_config
 from trainer.trainer import Trainer
 
+pytestmark = pytest.mark.slow  # a short run to resume from: about 20 s on 2 busy cores
+
 
 def make(run_dir, *overrides) -> Trainer:
     return Trainer(load_config(None, [*SMALL, f"run.dir={run_dir}", *overrides]), ALONE)
