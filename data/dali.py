@@ -133,11 +133,15 @@ class DaliLoader(Loader):
         # base64 keeps the protobuf bytes a plain str for torch.load(weights_only=True).
         # Restored but not iterated since (a run resumed at its last step): the position is still the restored one.
         raw = self._restore if self._iterator is None else self._iterator.checkpoints()[0]
+        if raw is None:  # restored under another split and not iterated since: there is only the position
+            return {}
         return {"dali_checkpoints": {str(self.rank): base64.b64encode(raw).decode("ascii")},
                 "dali_first_batch": self._first_batch}
 
     def _load_extra_state(self, state: Dict[str, Any]):
-        checkpoints = state.get("dali_checkpoints", {})
+        if "dali_checkpoints" not in state:  # see _extra_state: the pipeline starts afresh at the position
+            return
+        checkpoints = state["dali_checkpoints"]
         if str(self.rank) not in checkpoints:
             raise DataError(
                 f"the loader state holds DALI checkpoints for ranks {sorted(checkpoints, key=int)} but not for "

@@ -197,6 +197,19 @@ def test_a_re_split_epoch_saved_again_mid_way_resumes_bitwise(coded):
         assert torch.equal(x, ex) and torch.equal(y, ey)
 
 
+def test_a_re_split_loader_saved_before_it_is_iterated_keeps_its_position(coded):
+    # A run resumed on another world size at its last step saves again without reading a batch.
+    root, _ = coded
+    first = [loader(root, rank=r, world_size=2, batch_size=2) for r in range(2)]
+    seen = [c for shard in first for images, _ in run(shard, 2) for c in codes(images)]
+    restored = loader(root, batch_size=4)
+    restored.load_state_dict(roundtrip(merge_states([shard.state_dict() for shard in first])))
+    again = loader(root, batch_size=4)
+    again.load_state_dict(roundtrip(restored.state_dict()))
+    seen += [c for images, _ in run(again, 4) for c in codes(images)]
+    assert len(seen) == len(set(seen)) == 24
+
+
 def test_resume_needs_this_ranks_checkpoint(coded):
     root, _ = coded
     rank0 = loader(root, rank=0, world_size=2)

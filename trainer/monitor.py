@@ -147,8 +147,8 @@ class Monitor:
         self.wandb_run.log({"trainer/step": step, f"images/{split}": wandb.Image(grid, caption=caption)})
 
     def alert(self, title: str, text: str, error: bool = False) -> None:
-        """A W&B alert (e-mail or Slack, as set in the W&B user settings); offline, it is kept in the run's file
-        and sent on `wandb sync`."""
+        """A W&B alert (e-mail or Slack, as set in the W&B user settings); offline, it is written to the run's file
+        with the rest."""
         if self.wandb_run is None:
             return
         import wandb
