@@ -95,6 +95,20 @@ def test_another_split_continues_the_epoch_with_each_image_once(root, backend, n
     assert all(shard.state_dict()["epoch"] == 1 for shard in resumed)
 
 
+def test_torchvision_draws_each_images_augmentation_alike_on_any_split(root):
+    def by_code(batches):
+        return {code: image for images, _ in batches for code, image in zip(codes(images), images)}
+
+    whole = by_code(take(loader(root, "torchvision", world_size=1, batch_size=8), 2))
+    first = [loader(root, "torchvision", rank=r, world_size=2) for r in range(2)]
+    resplit = by_code([batch for shard in first for batch in take(shard, 1)])
+    resumed = loader(root, "torchvision", world_size=1, batch_size=8)
+    resumed.load_state_dict(merge_states([shard.state_dict() for shard in first]))
+    resplit.update(by_code(resumed))
+    assert whole.keys() == resplit.keys() and len(whole) == 16
+    assert all(torch.equal(whole[c], resplit[c]) for c in whole)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_position_that_is_not_a_whole_batch_of_the_new_split_is_refused(root, backend):
     first = loader(root, backend, world_size=2)
