@@ -17,7 +17,7 @@ from data.config import preprocessing
 from data.errors import ConfigError, DataError
 from data.loader import build_loader, merge_states
 from data.sharding import derive_seed
-from trainer import distributed
+from trainer import distributed, resume_split
 from trainer.checkpoint import Checkpointer
 from trainer.config import Config, changeable_on_resume, config_changes, to_dict, to_yaml
 from trainer.distributed import Dist
@@ -88,8 +88,9 @@ class Trainer:
                                          cfg.checkpoint.every_steps, d)
         # Found first: a resume on another world size sizes the loaders' batches from it.
         found = self._on_main(self.checkpointer.load_latest)
-        saved_split = distributed.broadcast_from_main(found and self._split_of(found[1]), d)
-        self._agree(lambda: self.keep_global_batch(saved_split))
+        saved_split = distributed.broadcast_from_main(found and resume_split.saved_split(found[1]), d)
+        cfg.train.batch_size, cfg.train.grad_accum = self._agree(lambda: resume_split.keep_global_batch(
+            saved_split, cfg.train.batch_size, cfg.train.grad_accum, d.world_size))
         self.train_loader, self.val_loader = self._build_loaders()
         self.classes = list(self.train_loader.classes)
         self._size_schedule()
@@ -217,7 +218,7 @@ class Trainer:
             raise UserInputError(f"checkpoint {source} has format version {state.get('version')}, "
                                  f"this trainer reads {CHECKPOINT_VERSION}")
         changes = config_changes(state["config"], to_dict(self.cfg))
-        saved = self._split_of(state)
+        saved = resume_split.saved_split(state)
         kept = saved["batch_size"] * saved["world_size"] * saved["grad_accum"] == self.global_batch
         refused = [k for k in changes if not changeable_on_resume(k, global_batch_kept=kept)]
         if refused:
@@ -258,35 +259,6 @@ class Trainer:
             group["initial_lr"] = base
             group["lr"] = base * factor(self.scheduler.last_epoch)
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-
-    @staticmethod
-    def _split_of(state: dict) -> dict:
-        """How a checkpoint's run split its global batch."""
-        train = state["config"]["train"]
-        return {"world_size": state["world_size"], "batch_size": train["batch_size"],
-                "grad_accum": train["grad_accum"]}
-
-    def keep_global_batch(self, saved: dict | None) -> None:
-        """A resume on another world size keeps the checkpoint's global batch, so the schedule, the lr and the
-        epoch's order go on unchanged: the per-rank batch stays if the accumulation can make up the difference
-        (same memory per device, same BN batch), else the accumulation stays and the per-rank batch changes."""
-        train, world = self.cfg.train, self.dist.world_size
-        if saved is None or saved["world_size"] == world:
-            return
-        target = saved["batch_size"] * saved["world_size"] * saved["grad_accum"]
-        if train.batch_size * world * train.grad_accum == target:
-            return
-        if target % (world * train.batch_size) == 0:
-            train.grad_accum = target // (world * train.batch_size)
-        elif target % (world * train.grad_accum) == 0:
-            train.batch_size = target // (world * train.grad_accum)
-        else:
-            raise ConfigError("train.batch_size", f"the checkpoint's global batch of {target} "
-                              f"({saved['batch_size']} x {saved['world_size']} ranks x {saved['grad_accum']} "
-                              f"accumulated) cannot be kept on {world} ranks: {target} is divisible neither by "
-                              f"{world} x train.batch_size={train.batch_size} nor by {world} x "
-                              f"train.grad_accum={train.grad_accum}. Set train.batch_size x {world} x "
-                              f"train.grad_accum = {target}, or resume on a world size that divides {target}")
 
     def _init_weights(self) -> None:
         path = self.cfg.model.init_from
