@@ -4,7 +4,9 @@ from typing import Any, Dict, Iterator, List, Optional
 from data.errors import DataError
 from data.sharding import train_batches, val_shard
 
-STATE_VERSION = 1
+# 2: train batches interleave ranks over the epoch's permutation (data/sharding.py), and the state holds the
+# global position; a version 1 state's position meant another order.
+STATE_VERSION = 2
 
 
 class Loader:
@@ -12,9 +14,13 @@ class Loader:
 
     Subclasses set `backend` and implement `_train_epoch(epoch, start)` (an iterator over batches `start`.. of
     that epoch) and `_val_epoch()`; a backend with more state than the position adds it in
-    `_extra_state`/`_load_extra_state`. The train iterator is kept between iter() calls, so it must not refer
-    back to the loader: in a reference cycle an abandoned DataLoader iterator is only freed by the garbage
-    collector, whose finalization order made shutting its workers down take seconds per worker.
+    `_extra_state`/`_load_extra_state`. That extra state is per rank and is only restored onto the same split
+    (world size and batch size); a state saved under another split continues from its global position
+    (`load_state_dict`), and the backend then starts the rest of the epoch afresh from batch `start`.
+
+    The train iterator is kept between iter() calls, so it must not refer back to the loader: in a reference
+    cycle an abandoned DataLoader iterator is only freed by the garbage collector, whose finalization order made
+    shutting its workers down take seconds per worker.
     """
 
     backend = ""
@@ -85,29 +91,36 @@ class Loader:
         epoch, done = (self._epoch + 1, 0) if self._done == len(self) else (self._epoch, self._done)
         state = {"version": STATE_VERSION, "backend": self.backend, "world_size": self.world_size,
                  "num_samples": self.num_samples, "batch_size": self.batch_size, "seed": self.seed,
-                 "epoch": epoch, "batches_done": done}
+                 "epoch": epoch, "batches_done": done,
+                 "samples_done": done * self.batch_size * self.world_size}
         if done:
             state.update(self._extra_state())
         return state
 
     def load_state_dict(self, state: Dict[str, Any]):
+        """Continues where `state` stopped. Under another world size or batch size the epoch goes on from the same
+        global sample position over the rest of the same permutation, so every sample left in it is read exactly
+        once across the new ranks; augmentation draws are then re-derived, not continued."""
         if self.split != "train":
             raise ValueError("only the train loader has a state to restore")
         if state.get("version") != STATE_VERSION:
-            raise DataError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
-        if state["world_size"] != self.world_size:
-            raise DataError(
-                f"the loader state was saved with world size {state['world_size']} but this run has "
-                f"{self.world_size}: the per-rank shards and positions do not carry over; resume with "
-                f"{state['world_size']} processes or start the data order afresh (drop the loader state)"
-            )
-        for key, now in (("backend", self.backend), ("num_samples", self.num_samples),
-                         ("batch_size", self.batch_size), ("seed", self.seed)):
+            raise DataError(f"loader state version {state.get('version')} is not {STATE_VERSION}: it was saved by a "
+                            f"version of this code that ordered the data differently; start the data order afresh "
+                            f"(drop the loader state)")
+        for key, now in (("backend", self.backend), ("num_samples", self.num_samples), ("seed", self.seed)):
             if state[key] != now:
                 raise DataError(f"the loader state was saved with {key}={state[key]!r}, this run has {now!r}: "
                                 f"the data order would not continue where it stopped")
+        same_split = (state["world_size"], state["batch_size"]) == (self.world_size, self.batch_size)
+        per_batch = self.batch_size * self.world_size
+        if state["samples_done"] % per_batch:
+            raise DataError(
+                f"the loader state stopped {state['samples_done']} samples into epoch {state['epoch']} (world size "
+                f"{state['world_size']} x batch size {state['batch_size']}), which is not a whole number of this "
+                f"run's global batches of {self.world_size} x {self.batch_size} = {per_batch}: the epoch cannot "
+                f"continue at that position; pick a batch size that divides it")
         self._close_source()
         self._epoch = state["epoch"]
-        self._done = state["batches_done"]
-        if self._done:
+        self._done = state["samples_done"] // per_batch
+        if self._done and same_split:
             self._load_extra_state(state)

@@ -1,8 +1,10 @@
 """DALI pipelines (one definition, decoding on the CPU or the GPU) and the resumable DALI loader.
 
-Each train epoch gets its own pipeline over this rank's block of that epoch's global permutation (files= /
+Each train epoch gets its own pipeline over this rank's slices of that epoch's global permutation (files= /
 labels=), seeded from (seed, rank, epoch): the order is a true per-epoch shuffle, and the pipeline's checkpoint
-(reader position + every RNG) is all that is needed to continue an epoch mid-way.
+(reader position + every RNG) is all that is needed to continue an epoch mid-way on the same ranks. A checkpoint
+cannot be re-split over other ranks: a loader restored under another world size or batch size instead starts a
+pipeline over its slices of the rest of the epoch, seeded from (seed, rank, epoch, first batch).
 """
 import base64
 from functools import partial
@@ -91,6 +93,8 @@ class DaliLoader(Loader):
             if self._gpu else None
         self._iterator = None
         self._restore = None
+        # The batch of the epoch the current pipeline's files begin at: 0, or where a re-split epoch resumed.
+        self._first_batch = 0
 
     def _build(self, indices, seed: int, train: bool, checkpoint=None) -> DALIGenericIterator:
         pipe = image_pipeline(
@@ -104,9 +108,13 @@ class DaliLoader(Loader):
         return DALIGenericIterator([pipe], ["images", "labels"], reader_name=READER, last_batch_policy=policy)
 
     def _train_epoch(self, epoch: int, start: int) -> Iterator:
-        indices = train_shard(self.num_samples, self.batch_size, self.rank, self.world_size, self.seed, epoch)
         checkpoint, self._restore = self._restore, None
-        self._iterator = self._build(indices, derive_seed(self.seed, self.rank, epoch), True, checkpoint)
+        # A checkpointed pipeline is rebuilt over the files it had; otherwise a new one begins at `start`.
+        first = self._first_batch if checkpoint is not None else start
+        self._first_batch = first
+        indices = train_shard(self.num_samples, self.batch_size, self.rank, self.world_size, self.seed, epoch, first)
+        seed = derive_seed(self.seed, self.rank, epoch, first) if first else derive_seed(self.seed, self.rank, epoch)
+        self._iterator = self._build(indices, seed, True, checkpoint)
         return map(self._to_torch, self._iterator)
 
     def _close_source(self):
@@ -125,10 +133,15 @@ class DaliLoader(Loader):
         # base64 keeps the protobuf bytes a plain str for torch.load(weights_only=True).
         # Restored but not iterated since (a run resumed at its last step): the position is still the restored one.
         raw = self._restore if self._iterator is None else self._iterator.checkpoints()[0]
-        return {"dali_checkpoints": {str(self.rank): base64.b64encode(raw).decode("ascii")}}
+        if raw is None:  # restored under another split and not iterated since: there is only the position
+            return {}
+        return {"dali_checkpoints": {str(self.rank): base64.b64encode(raw).decode("ascii")},
+                "dali_first_batch": self._first_batch}
 
     def _load_extra_state(self, state: Dict[str, Any]):
-        checkpoints = state.get("dali_checkpoints", {})
+        if "dali_checkpoints" not in state:  # see _extra_state: the pipeline starts afresh at the position
+            return
+        checkpoints = state["dali_checkpoints"]
         if str(self.rank) not in checkpoints:
             raise DataError(
                 f"the loader state holds DALI checkpoints for ranks {sorted(checkpoints, key=int)} but not for "
@@ -136,3 +149,4 @@ class DaliLoader(Loader):
                 f"(or from data.loader.merge_states of all)"
             )
         self._restore = base64.b64decode(checkpoints[str(self.rank)])
+        self._first_batch = state["dali_first_batch"]

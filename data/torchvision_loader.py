@@ -1,7 +1,8 @@
-"""The torchvision backend: ImageFolder-style samples, DistributedSampler order, a torch DataLoader.
+"""The torchvision backend: ImageFolder-style samples in the order of data/sharding.py, a torch DataLoader.
 
-Every train sample's augmentation is drawn from its own seed (seed, epoch, rank, position), not from the worker
-processes' RNG streams, so the batches do not depend on the worker count and a resumed loader repeats them.
+Every train sample's augmentation is drawn from its own seed (seed, epoch, position in the epoch's permutation),
+not from the worker processes' RNG streams, so the batches do not depend on the worker count, a resumed loader
+repeats them, and a sample draws the same augmentation whichever rank reads it.
 """
 import multiprocessing
 from functools import partial
@@ -9,14 +10,14 @@ from typing import Iterator, List
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms import v2
 
 from data.base import Loader
 from data.config import DataConfig
 from data.folder import ImageList
-from data.sharding import derive_seed, val_shard
+from data.sharding import derive_seed, epoch_permutation, train_positions, val_shard
 
 # Workers start from a forkserver (see the DataLoader below); preloading this module there makes each worker a
 # cheap fork of a process that has already imported torch and torchvision, instead of a fresh interpreter.
@@ -60,20 +61,20 @@ class _Images(Dataset):
 
 
 class _ResumableSampler(Sampler):
-    """This rank's DistributedSampler order for one epoch from batch `start` on, each index with its seed."""
+    """This rank's order for one epoch from batch `start` on, each index with its augmentation seed."""
 
-    def __init__(self, sampler: DistributedSampler, batch_size: int, seed: int, rank: int):
-        self.sampler, self.batch_size, self.seed, self.rank = sampler, batch_size, seed, rank
+    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int):
+        self.num_samples, self.batch_size, self.rank, self.world_size = num_samples, batch_size, rank, world_size
+        self.seed = seed
         self.epoch, self.start = 0, 0
 
     def __iter__(self):
-        self.sampler.set_epoch(self.epoch)
-        order = list(self.sampler)
-        for position in range(self.start * self.batch_size, len(order)):
-            yield order[position], derive_seed(self.seed, self.epoch, self.rank, position)
+        permutation = epoch_permutation(self.num_samples, self.seed, self.epoch)
+        for position in train_positions(self.num_samples, self.batch_size, self.rank, self.world_size, self.start):
+            yield int(permutation[position]), derive_seed(self.seed, self.epoch, position)
 
     def __len__(self):
-        return len(self.sampler) - self.start * self.batch_size
+        return len(train_positions(self.num_samples, self.batch_size, self.rank, self.world_size, self.start))
 
 
 def _to_device(device, dtype, memory_format, batch):
@@ -94,10 +95,7 @@ class TorchvisionLoader(Loader):
         paths, labels = images.paths(), images.labels
         train = split == "train"
         if train:
-            # drop_last in both: floor(floor(N / W) / B) == floor(N / (W * B)) full batches on every rank.
-            self._sampler = _ResumableSampler(
-                DistributedSampler(range(len(paths)), num_replicas=world_size, rank=rank, shuffle=True,
-                                   seed=seed, drop_last=True), batch_size, seed, rank)
+            self._sampler = _ResumableSampler(len(paths), batch_size, rank, world_size, seed)
             sampler = self._sampler
         else:
             sampler = list(val_shard(len(paths), rank, world_size))

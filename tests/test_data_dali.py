@@ -176,12 +176,38 @@ def test_yielded_batches_are_not_overwritten_later(coded):
     assert torch.equal(batches[0][0], kept)
 
 
-def test_resume_with_another_world_size_is_refused(coded):
+def test_a_re_split_epoch_saved_again_mid_way_resumes_bitwise(coded):
+    # 24 images: 2 ranks x batch 2 read 2 batches (8 samples); 1 rank x batch 4 goes on from batch 2 of 6.
     root, _ = coded
-    first = loader(root, world_size=2)
-    run(first, 1)
-    with pytest.raises(DataError, match="world size 2 but this run has 1"):
-        loader(root, world_size=1).load_state_dict(first.state_dict())
+    first = [loader(root, rank=r, world_size=2, batch_size=2) for r in range(2)]
+    for shard in first:
+        run(shard, 2)
+    state = roundtrip(merge_states([shard.state_dict() for shard in first]))
+    expected = loader(root, batch_size=4)
+    expected.load_state_dict(state)
+    rest = run(expected, 4)  # to the epoch's end
+    assert len({c for images, _ in rest for c in codes(images)}) == 16
+
+    interrupted = loader(root, batch_size=4)
+    interrupted.load_state_dict(state)
+    head = run(interrupted, 1)
+    resumed = loader(root, batch_size=4)
+    resumed.load_state_dict(roundtrip(interrupted.state_dict()))
+    for (x, y), (ex, ey) in zip(head + run(resumed, 3), rest):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+
+
+def test_a_re_split_loader_saved_before_it_is_iterated_keeps_its_position(coded):
+    # A run resumed on another world size at its last step saves again without reading a batch.
+    root, _ = coded
+    first = [loader(root, rank=r, world_size=2, batch_size=2) for r in range(2)]
+    seen = [c for shard in first for images, _ in run(shard, 2) for c in codes(images)]
+    restored = loader(root, batch_size=4)
+    restored.load_state_dict(roundtrip(merge_states([shard.state_dict() for shard in first])))
+    again = loader(root, batch_size=4)
+    again.load_state_dict(roundtrip(restored.state_dict()))
+    seen += [c for images, _ in run(again, 4) for c in codes(images)]
+    assert len(seen) == len(set(seen)) == 24
 
 
 def test_resume_needs_this_ranks_checkpoint(coded):

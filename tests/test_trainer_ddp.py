@@ -1,9 +1,9 @@
 """Real 2-process DDP runs (torchrun, gloo, DALI CPU): exact resume after SIGKILL, exact evaluation, signals."""
 import json
 import os
-import shutil
 import signal
 import subprocess
+from functools import partial
 
 import pytest
 import torch
@@ -11,7 +11,9 @@ import torch
 from tests.helpers import (
     ROOT,
     TINY,
+    final_checkpoint,
     last_train_step,
+    make_coded,
     metrics,
     module_command,
     run_trainer,
@@ -20,10 +22,11 @@ from tests.helpers import (
     wait_for,
     worker_pids,
 )
+from trainer.optim import ScheduleConfig, lr_factor
 
 pytestmark = pytest.mark.slow  # every test here trains in real processes
 
-TIMING = {"img_per_s", "data_wait", "step_time_s", "max_mem_mb"}
+TIMING = {"img_per_s", "img_per_s_per_device", "data_wait", "data_wait_max", "step_time_s", "max_mem_mb"}
 STEPS = 24  # 2 epochs x 12 steps
 
 
@@ -39,6 +42,15 @@ def wait_for_step(proc, run_dir, step, deadline_s=240):
         assert proc.poll() is None, f"run ended before step {step}: {proc.stderr.read()[-3000:]}"
         return False
     wait_for(reached, deadline_s, f"step {step}", interval_s=0.02)
+
+
+def kill_job(proc):
+    """SIGKILL to the workers and their torchrun agent, as a node loss would: torchrun starts each worker in a
+    session of its own, so killing the agent's process group alone leaves the workers training on."""
+    for pid in worker_pids(proc.pid).values():
+        os.kill(pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def final_state(run_dir):
@@ -74,8 +86,7 @@ def test_sigkill_mid_epoch_then_same_command_resumes_bitwise(uninterrupted, tiny
     try:
         wait_for_step(proc, run_dir, 17)  # checkpoints at 5, 10, 12 (epoch end), 15: killed mid-epoch 2
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_job(proc)
     killed_at = last_train_step(run_dir)
     assert killed_at < STEPS, "the run finished before it could be killed"
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
@@ -153,9 +164,106 @@ def test_sync_bn_on_cpu_warns_once_and_accumulation_steps_count(tiny_data, tmp_p
     assert [r["step"] for r in metrics(run_dir, "train")] == [1, 2, 3]
 
 
-def test_resuming_with_another_world_size_is_an_error(uninterrupted, tiny_data, tmp_path):
+@pytest.fixture(scope="module")
+def coded(tmp_path_factory):
+    """39 train images, each a solid colour that names it (helpers.make_coded): 9 steps of 4 per epoch."""
+    root = tmp_path_factory.mktemp("coded")
+    make_coded(str(root), train_per_class=13, val_per_class=2)
+    return root
+
+
+CODED_STEPS = 9  # per epoch at a global batch of 4: 36 of the 39 images, 3 dropped
+
+
+def recording(nproc, coded, run_dir, records, *extra):
+    command = module_command(nproc, "tests.workers.record_train", *TINY, "train.batch_size=2",
+                             "checkpoint.every_steps=2", f"data.root={coded}", f"run.dir={run_dir}", *extra)
+    return command, trainer_env(RECORD_DIR=str(records))
+
+
+def codes_read(records, epoch, up_to_step):
+    """The images the recorded ranks read for the steps of `epoch` up to `up_to_step` (a SIGKILL may tear the
+    last line; steps past a checkpoint that a resume repeats are left out by `up_to_step`)."""
+    seen = []
+    for path in sorted(records.glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record["epoch"] == epoch and record["step"] <= up_to_step:
+                seen += record["codes"]
+    return seen
+
+
+def lr_is_the_schedules(run_dir, global_batch):
+    factor = partial(lr_factor, ScheduleConfig(warmup_epochs=0.5), steps_per_epoch=CODED_STEPS,
+                     total_steps=2 * CODED_STEPS)
+    return all(r["lr"] == pytest.approx(0.1 * global_batch / 256 * factor(r["step"]), rel=1e-6)
+               for r in metrics(run_dir, "train"))
+
+
+def test_sigkill_on_two_ranks_then_one_rank_reads_the_rest_of_the_epoch_once(coded, tmp_path):
     run_dir = tmp_path / "run"
-    shutil.copytree(uninterrupted[0], run_dir)
-    result = run_trainer(1, *TINY, f"data.root={tiny_data}", f"run.dir={run_dir}")
-    assert result.returncode == 1
-    assert "world size=2, this run has world size=1" in result.stderr
+    command, env = recording(2, coded, run_dir, tmp_path / "two")
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_for_step(proc, run_dir, 3)  # checkpoints every 2 steps: killed mid-epoch 1
+    finally:
+        kill_job(proc)
+    assert last_train_step(run_dir) < CODED_STEPS, "the first epoch ended before the kill"
+    checkpoint = final_checkpoint(run_dir)
+    saved_at = checkpoint["step"]
+    assert 2 <= saved_at < CODED_STEPS and checkpoint["world_size"] == 2
+
+    command, env = recording(1, coded, run_dir, tmp_path / "one")
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The per-rank batch stays 2; accumulating 2 keeps the global batch of 4.
+    assert "resuming with train.grad_accum=2 (was 1): applied" in result.stdout
+    assert f"global batch 4, {CODED_STEPS} steps/epoch, resuming at step {saved_at}" in result.stdout
+    assert "exact in coverage, not bitwise" in result.stdout
+
+    seen = codes_read(tmp_path / "two", 0, saved_at) + codes_read(tmp_path / "one", 0, CODED_STEPS)
+    assert len(seen) == len(set(seen)) == 4 * CODED_STEPS and set(seen) <= set(range(39))
+    assert [r["step"] for r in metrics(run_dir, "train")] == list(range(1, 2 * CODED_STEPS + 1))
+    assert lr_is_the_schedules(run_dir, 4)
+    final = final_checkpoint(run_dir)
+    assert final["step"] == 2 * CODED_STEPS and final["world_size"] == 1 and final["images_seen"] == 4 * 18
+
+
+def test_a_one_rank_run_resumes_on_two_ranks_with_the_global_batch_kept(coded, tmp_path):
+    run_dir = tmp_path / "run"
+    # 1 rank x batch 4, with an EMA, stopped after step 3 (saved there).
+    command, env = recording(1, coded, run_dir, tmp_path / "one", "train.batch_size=4", "optim.ema_decay=0.9")
+    first = subprocess.run([*command, "train.max_steps=3"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300, check=False)
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    command, env = recording(2, coded, run_dir, tmp_path / "two", "train.batch_size=4", "optim.ema_decay=0.9")
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 4 images a step cannot be 4 per rank on 2 ranks: the per-rank batch halves instead.
+    assert "resuming with train.batch_size=2 (was 4): applied" in result.stdout
+    assert f"global batch 4, {CODED_STEPS} steps/epoch, resuming at step 3" in result.stdout
+
+    seen = codes_read(tmp_path / "one", 0, 3) + codes_read(tmp_path / "two", 0, CODED_STEPS)
+    assert len(seen) == len(set(seen)) == 4 * CODED_STEPS
+    assert [r["step"] for r in metrics(run_dir, "train")] == list(range(1, 2 * CODED_STEPS + 1))
+    assert [r["step"] for r in metrics(run_dir, "val_ema")] == [3, CODED_STEPS, 2 * CODED_STEPS]
+    assert lr_is_the_schedules(run_dir, 4)
+    assert final_checkpoint(run_dir)["world_size"] == 2
+
+
+def test_a_global_batch_that_cannot_be_split_over_the_new_ranks_is_refused(coded, tmp_path):
+    run_dir = tmp_path / "run"
+    command, env = recording(1, coded, run_dir, tmp_path / "one", "train.batch_size=3")
+    first = subprocess.run([*command, "train.max_steps=1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300, check=False)
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = run_trainer(2, *TINY, "train.batch_size=3", f"data.root={coded}", f"run.dir={run_dir}")
+    assert result.returncode != 0  # each worker exits 2; torchrun reports a failed worker as 1
+    assert "config error (on rank 0): train.batch_size:" in result.stderr
+    assert "the checkpoint's global batch of 3 (3 x 1 ranks x 1 accumulated) cannot be kept on 2 ranks" \
+        in result.stderr

@@ -257,7 +257,12 @@ CHANGEABLE_ON_RESUME = (
     "train.eval_every_epochs", "train.max_nonfinite_steps", "train.compile", "train.cudnn_benchmark",
     "train.deterministic",
     "train.channels_last", "optim.lr",
+    # Only read when a run starts; a checkpoint's weights supersede them.
+    "model.init_from", "model.init_head",
 )
+# How the global batch is split (per rank, accumulated): changeable on resume as long as the global batch stays,
+# as it must for a resume on another world size (Trainer.keep_global_batch).
+BATCH_SPLIT = ("train.batch_size", "train.grad_accum")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -278,7 +283,9 @@ def config_changes(saved: dict, current: dict) -> dict:
     return {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]}
 
 
-def changeable_on_resume(key: str) -> bool:
+def changeable_on_resume(key: str, global_batch_kept: bool = False) -> bool:
+    if global_batch_kept and key in BATCH_SPLIT:
+        return True
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in CHANGEABLE_ON_RESUME)
 
 

@@ -1,5 +1,6 @@
 """Accuracy and sums that reduce exactly across ranks: counts, not averages of averages."""
 import torch
+from torch.distributed import ReduceOp
 
 from trainer.distributed import all_reduce_
 
@@ -34,6 +35,11 @@ class Sums:
         values = torch.stack([torch.as_tensor(self.on_device[n], dtype=torch.float64, device=self.device)
                               + self.on_host[n] for n in self.names])
         return dict(zip(self.names, all_reduce_(values).tolist()))
+
+    def max_over_ranks(self, name: str) -> float:
+        """The largest rank's sum of `name` (a second collective: for logging steps only)."""
+        value = torch.as_tensor(self.on_device[name], dtype=torch.float64, device=self.device) + self.on_host[name]
+        return all_reduce_(value.reshape(1), op=ReduceOp.MAX).item()
 
     def reset(self) -> None:
         self.on_device = dict.fromkeys(self.names, 0)

@@ -6,12 +6,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+import torch
 from tqdm import tqdm
 
 from data.errors import ConfigError
 
 # Which W&B panel section each local metric belongs to; anything unlisted goes under the split's own name.
-PANEL = {"img_per_s": "perf", "data_wait": "perf", "step_time_s": "perf", "max_mem_mb": "sys"}
+PANEL = {"img_per_s": "perf", "img_per_s_per_device": "perf", "data_wait": "perf", "data_wait_max": "perf",
+         "step_time_s": "perf", "max_mem_mb": "sys"}
+# Summarised by their best value rather than the last one.
+SUMMARY_MAX = ("val/top1", "val/top5", "val_ema/top1", "val_ema/top5")
+IMAGES_SHOWN = 32
 
 
 @dataclass
@@ -26,6 +31,10 @@ class MonitorConfig:
     """W&B run name; null uses the run directory's name."""
     tags: List[str] = field(default_factory=list)
     """W&B run tags."""
+    group: Optional[str] = None
+    """W&B group; null takes the Slurm job id under Slurm, else the run directory's name."""
+    job_type: str = "train"
+    """W&B job type, to tell training runs from evaluation or export jobs in a group."""
     every_steps: int = 50
     """Log train metrics every this many optimizer steps."""
     progress: bool = True
@@ -36,25 +45,35 @@ class MonitorConfig:
             raise ConfigError("monitor.every_steps", f"must be >= 1, got {self.every_steps}")
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drops the records past `step` (written after the checkpoint a resumed run starts from) and a torn last line.
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drops the records past `step` (written after the checkpoint a resumed run starts from) and a torn last line;
+    returns the last step the file had (0 for none), which is also the last one sent to W&B.
 
     Records are appended in step order and every resume truncates first, so what goes is a suffix: the file is
     cut in place, which needs no free space (a run that stopped on a full disk must be able to resume).
     """
     if not path.is_file():
-        return
-    keep_bytes = 0
+        return 0
+    keep_bytes = last_step = 0
+    cut = False
     with open(path, "rb") as f:
         for line in f:
             try:
                 record = json.loads(line) if line.endswith(b"\n") else None
             except ValueError:
                 record = None
-            if record is None or record["step"] > step:
+            if record is None:
                 break
-            keep_bytes += len(line)
+            last_step = max(last_step, record["step"])
+            cut = cut or record["step"] > step
+            if not cut:
+                keep_bytes += len(line)
     os.truncate(path, keep_bytes)
+    return last_step
+
+
+def default_group(run_dir: Path) -> str:
+    return os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID") or run_dir.name
 
 
 class Monitor:
@@ -68,7 +87,11 @@ class Monitor:
         if not enabled:
             return
         self.metrics_path = run_dir / "metrics.jsonl"
-        truncate_metrics(self.metrics_path, start_step)
+        logged = truncate_metrics(self.metrics_path, start_step)
+        # W&B history cannot be cut back as metrics.jsonl is (its rewind, resume_from, needs the server and counts
+        # W&B's own _step), so a continued W&B run skips the steps it already has: after an exact resume they
+        # repeat the very same values.
+        self.wandb_skip_to = logged if wandb_id else 0
         self.file = open(self.metrics_path, "a")
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not (cfg.progress and sys.stderr.isatty()))
@@ -80,12 +103,16 @@ class Monitor:
 
         # resume="allow" with the id from the checkpoint: a restarted or requeued job continues the same run.
         self.wandb_run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name,
+                                    group=cfg.group or default_group(run_dir), job_type=cfg.job_type,
                                     tags=list(cfg.tags), config=config, id=self.wandb_id, resume="allow",
                                     dir=str(run_dir))
         self.wandb_id = self.wandb_run.id
         self.wandb_run.define_metric("trainer/step")
         self.wandb_run.define_metric("trainer/images_seen")
-        for section in ("train", "val", "val_ema", "perf", "sys"):
+        self.wandb_run.define_metric("trainer/epoch")
+        for name in SUMMARY_MAX:
+            self.wandb_run.define_metric(name, step_metric="trainer/step", summary="max")
+        for section in ("train", "val", "val_ema", "perf", "sys", "images"):
             self.wandb_run.define_metric(f"{section}/*", step_metric="trainer/step")
 
     def write(self, split: str, step: int, epoch: float, images_seen: int, metrics: dict) -> None:
@@ -94,11 +121,40 @@ class Monitor:
         record = {"split": split, "step": step, "epoch": round(epoch, 4), **metrics}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.wandb_run is not None:
-            self.wandb_run.log({"trainer/step": step, "trainer/images_seen": images_seen,
+        if self.wandb_run is not None and step > self.wandb_skip_to:
+            self.wandb_run.log({"trainer/step": step, "trainer/epoch": epoch, "trainer/images_seen": images_seen,
                                 **{f"{PANEL.get(k, split)}/{k}": v for k, v in metrics.items()}})
         shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         self.print(f"{split} step {step} epoch {epoch:.2f} {shown}")
+
+    @property
+    def wants_images(self) -> bool:
+        return self.wandb_run is not None
+
+    def images(self, split: str, step: int, images: torch.Tensor, mean: list, std: Optional[list]) -> None:
+        """A grid of the first images of a batch as the model receives them, de-normalised back to 0-255 pixels:
+        what to look at first when the preprocessing is in doubt."""
+        if self.wandb_run is None:
+            return
+        import wandb
+        from torchvision.utils import make_grid
+
+        shown = images[:IMAGES_SHOWN].detach().float().cpu()
+        scale = torch.tensor(std or [1.0, 1.0, 1.0]).view(1, 3, 1, 1)
+        pixels = shown * scale + torch.tensor(mean).view(1, 3, 1, 1)
+        grid = make_grid(pixels.clamp(0, 255).round().to(torch.uint8), nrow=8)
+        caption = f"{split}: {len(shown)} images as fed to the model, de-normalised (mean {mean}, std {std})"
+        self.wandb_run.log({"trainer/step": step, f"images/{split}": wandb.Image(grid, caption=caption)})
+
+    def alert(self, title: str, text: str, error: bool = False) -> None:
+        """A W&B alert (e-mail or Slack, as set in the W&B user settings); offline, it is written to the run's file
+        with the rest."""
+        if self.wandb_run is None:
+            return
+        import wandb
+
+        self.wandb_run.alert(title=title, text=text,
+                             level=wandb.AlertLevel.ERROR if error else wandb.AlertLevel.INFO)
 
     def advance(self, steps: int = 1) -> None:
         if self.enabled:

@@ -15,8 +15,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data.config import preprocessing
 from data.errors import ConfigError
-from data.loader import build_loader
-from trainer import distributed
+from data.loader import build_loader, merge_states
+from data.sharding import derive_seed
+from trainer import distributed, resume_split
 from trainer.checkpoint import Checkpointer
 from trainer.config import Config, changeable_on_resume, config_changes, to_dict, to_yaml
 from trainer.distributed import Dist
@@ -24,6 +25,7 @@ from trainer.errors import Diverged, UserInputError
 from trainer.evaluate import evaluate
 from trainer.metrics import Sums, correct_topk
 from trainer.models import build_model
+from trainer.models.weights import init_from
 from trainer.monitor import Monitor
 from trainer.nonfinite import NonFiniteGuard
 from trainer.optim import build_ema, build_optimizer, build_scheduler, scaled_lr, warn_large_batch
@@ -82,11 +84,20 @@ class Trainer:
         cfg, d = self.cfg, self.dist
         self._configure_torch()
         self._on_main(self._ensure_demo_data)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep,
+                                         cfg.checkpoint.every_steps, d)
+        # Found first: a resume on another world size sizes the loaders' batches from it.
+        found = self._on_main(self.checkpointer.load_latest)
+        saved_split = distributed.broadcast_from_main(found and resume_split.saved_split(found[1]), d)
+        cfg.train.batch_size, cfg.train.grad_accum = self._agree(lambda: resume_split.keep_global_batch(
+            saved_split, cfg.train.batch_size, cfg.train.grad_accum, d.world_size))
         self.train_loader, self.val_loader = self._build_loaders()
         self.classes = list(self.train_loader.classes)
         self._size_schedule()
 
         self.raw_model = self._build_model()
+        if saved_split is None and cfg.model.init_from:
+            self._init_weights()
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
         self.optimizer = build_optimizer(self.raw_model, cfg.optim, scaled_lr(cfg.optim, self.global_batch))
         warn_large_batch(cfg.optim, self.global_batch, d.is_main)
@@ -96,9 +107,7 @@ class Trainer:
         self.guard = NonFiniteGuard(self.raw_model, self.device)
         self.ema = build_ema(self.raw_model, cfg.optim.ema_decay, self.guard.skipped) if cfg.optim.ema_decay else None
 
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep,
-                                         cfg.checkpoint.every_steps, d)
-        wandb_id = self._resume()
+        wandb_id = self._resume(found, saved_split)
         self.model = self._wrap(self.raw_model)
         self.monitor = Monitor(cfg.monitor, self.run_dir, d.is_main, total_steps=self.last_step,
                                start_step=self.step, config=to_dict(cfg), wandb_id=wandb_id)
@@ -211,15 +220,14 @@ class Trainer:
             raise UserInputError(f"checkpoint {source} has format version {state.get('version')}, "
                                  f"this trainer reads {CHECKPOINT_VERSION}")
         changes = config_changes(state["config"], to_dict(self.cfg))
-        refused = [k for k in changes if not changeable_on_resume(k)]
+        saved = resume_split.saved_split(state)
+        kept = saved["batch_size"] * saved["world_size"] * saved["grad_accum"] == self.global_batch
+        refused = [k for k in changes if not changeable_on_resume(k, global_batch_kept=kept)]
         if refused:
             listed = ", ".join(f"{k}={changes[k][0]} (now {changes[k][1]})" for k in refused)
             raise ConfigError(refused[0], f"checkpoint {source} was written with {listed}: resuming with a different "
                                           f"value would silently change what the run computes. Set it back, or "
                                           f"use another run.dir to start afresh")
-        if state["world_size"] != self.dist.world_size:
-            raise UserInputError(f"checkpoint {source} was written with world size={state['world_size']}, this run "
-                                 f"has world size={self.dist.world_size}; use another run.dir to start afresh")
         if state["classes"] != self.classes:
             raise UserInputError(f"checkpoint {source} was trained on other classes than {self.cfg.data.root}")
         try:
@@ -236,8 +244,11 @@ class Trainer:
         self.step, self.epoch, self.images_seen = state["step"], state["epoch"], state["images_seen"]
         self.last_val = state["last_val"]
         self.guard.load_state_dict(state["nonfinite"])
-        self.train_loader.load_state_dict(state["loader"][self.dist.rank])
-        set_rng_state(state["rng"][self.dist.rank])
+        self.train_loader.load_state_dict(merge_states(state["loader"]))
+        if state["world_size"] == self.dist.world_size:
+            set_rng_state(state["rng"][self.dist.rank])
+        else:  # the saved ranks' streams have no counterpart on other ranks
+            seed_everything(derive_seed(self.cfg.seed, self.step, self.dist.rank))
         if "optim.lr" in changes:
             self._apply_lr()
         return changes
@@ -251,16 +262,30 @@ class Trainer:
             group["lr"] = base * factor(self.scheduler.last_epoch)
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
-    def _resume(self):
-        """Loads the latest complete checkpoint of run.dir, if any, then records the config in effect; returns
-        the W&B run id to continue."""
-        found = self._on_main(self.checkpointer.load_latest)
+    def _init_weights(self) -> None:
+        path = self.cfg.model.init_from
+        fresh = self._agree(lambda: init_from(self.raw_model, Path(path), self.cfg.model.init_head))
+        if self.dist.is_main:
+            print(f"model.init_from: weights from {path}" + (f"; {', '.join(fresh)} start afresh" if fresh else ""),
+                  flush=True)
+
+    def _resume(self, found, saved_split):
+        """Loads the checkpoint `found` on rank 0 (and, on the others, the file it names), then records the config
+        in effect; returns the W&B run id to continue."""
         path = distributed.broadcast_from_main(str(found[0]) if found else None, self.dist)
         changes, wandb_id = {}, None
         if path is not None:
             state = found[1] if found else torch.load(path, map_location="cpu", weights_only=True)
             changes = self._agree(lambda: self.load_checkpoint_state(state, Path(path)))
             wandb_id = state["wandb_id"]
+        if self.dist.is_main and path is not None:
+            if self.cfg.model.init_from:
+                print(f"model.init_from={self.cfg.model.init_from} is ignored: {path} resumes the run", flush=True)
+            if saved_split["world_size"] != self.dist.world_size:
+                print(f"resuming on {self.dist.world_size} process(es) a run saved on {saved_split['world_size']}: "
+                      f"the epoch goes on from the same global sample, each remaining image read once; "
+                      f"augmentation draws and reduction order differ from an uninterrupted run (exact in "
+                      f"coverage, not bitwise)", flush=True)
         if self.dist.is_main:
             for key, (old, new) in changes.items():
                 print(f"resuming with {key}={new} (was {old}): applied", flush=True)
@@ -289,6 +314,8 @@ class Trainer:
             if end is EpochEnd.STOP:
                 self.save(force=True)
                 self.monitor.print(f"stopping on a signal at step {self.step}; checkpoint saved")
+                self.monitor.alert("stopped on a signal", f"{self.run_dir}: preempted or cancelled at step "
+                                                          f"{self.step}; checkpoint saved, the job can resume")
                 return self.stop.exit_code()
             if end is EpochEnd.EPOCH:
                 if self.epoch % self.cfg.train.eval_every_epochs == 0 or self.epoch == self.cfg.train.epochs:
@@ -317,6 +344,8 @@ class Trainer:
                 self.epoch += 1
                 return EpochEnd.EPOCH
             data_wait = time.perf_counter() - fetch_start
+            if self.step == 0:
+                self._show_images(micro_batches[0][0])
             loss_sum, correct, samples = self.train_step(micro_batches)
             self.step += 1
             self.images_seen += samples * self.dist.world_size
@@ -341,10 +370,11 @@ class Trainer:
     def _check_divergence(self) -> None:
         consecutive = int(self.guard.consecutive)
         if consecutive >= self.cfg.train.max_nonfinite_steps:
-            raise Diverged(f"the loss or gradients were non-finite for {consecutive} consecutive steps "
-                           f"(up to step {self.step}); stopping without saving. Lower optim.lr, use "
-                           f"train.precision=fp32, or check the data; the last good checkpoint is kept in "
-                           f"{self.checkpointer.dir}")
+            message = (f"the loss or gradients were non-finite for {consecutive} consecutive steps (up to step "
+                       f"{self.step}); stopping without saving. Lower optim.lr, use train.precision=fp32, or check "
+                       f"the data; the last good checkpoint is kept in {self.checkpointer.dir}")
+            self.monitor.alert("diverged", message, error=True)
+            raise Diverged(message)
 
     def train_step(self, micro_batches: list) -> tuple:
         """One optimizer step over `micro_batches`; returns (summed loss, correct, samples), the first two as
@@ -384,8 +414,19 @@ class Trainer:
         if self.ema:
             self.ema.update_parameters(self.raw_model)
 
+    def _show_images(self, train_images: torch.Tensor) -> None:
+        """Shows on W&B what the model is fed: the first augmented train batch and a val batch."""
+        if not self.monitor.wants_images:
+            return
+        data = self.cfg.data
+        val_images = next(iter(self.val_loader), (None,))[0]
+        for split, images in (("train", train_images), ("val", val_images)):
+            if images is not None:
+                self.monitor.images(split, self.step, images, data.mean, data.std)
+
     def _log_train(self, window: Sums, start: float, steps: int) -> None:
         sums = window.reduce()
+        slowest_wait = window.max_over_ranks("data_wait")
         elapsed = time.perf_counter() - start
         if self.device.type == "cuda":
             memory_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
@@ -394,7 +435,9 @@ class Trainer:
         self.monitor.write("train", self.step, self.step / self.steps_per_epoch, self.images_seen, {
             "loss": sums["loss"] / sums["samples"], "top1": 100 * sums["correct"] / sums["samples"],
             "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": sums["samples"] / elapsed,
-            "data_wait": sums["data_wait"] / (elapsed * self.dist.world_size), "step_time_s": elapsed / steps,
+            "img_per_s_per_device": sums["samples"] / (elapsed * self.dist.world_size),
+            "data_wait": sums["data_wait"] / (elapsed * self.dist.world_size), "data_wait_max": slowest_wait / elapsed,
+            "step_time_s": elapsed / steps,
             "max_mem_mb": memory_mb, "nonfinite_steps": int(self.guard.total)})
 
     def validate(self) -> None:
@@ -416,3 +459,4 @@ class Trainer:
             f"wall {time.perf_counter() - self.started:.0f} s, train {images / max(train_time, 1e-9):.1f} img/s | "
             f"checkpoints {self.checkpointer.dir}, metrics {self.run_dir / 'metrics.jsonl'}"
             + (f", W&B {where}" if where else ", W&B off"))
+        self.monitor.alert("finished", f"{self.run_dir}: step {self.step}, val top1 {v['top1']:.2f}%")

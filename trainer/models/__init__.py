@@ -29,6 +29,13 @@ class ModelConfig:
     num_classes: Optional[int] = None
     """Classifier outputs; null takes the number of classes from the dataset. At most 100000, like
     data.num_classes."""
+    init_from: Optional[str] = None
+    """Start from these weights: a torchvision state dict (.pt/.pth), a checkpoint of this trainer (its `model`) or
+    a .safetensors export. Weights only: optimizer, schedule, step and data order start afresh. Ignored, with a
+    notice, once run.dir has a checkpoint: resume wins."""
+    init_head: bool = True
+    """Take the classifier (fc) from model.init_from too; false starts it afresh, for fine-tuning on another
+    dataset or class count."""
 
     def __post_init__(self):
         if self.num_classes is not None and self.num_classes > MAX_CLASSES:
