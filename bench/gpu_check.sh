@@ -17,5 +17,5 @@ cd "$repo"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 # The hard cap of 6 minutes: SIGTERM after 345 s, on which the runner stops the running part and writes its report
 # (the parts' budget is 330 s); SIGKILL 15 s later if it has not exited. --preserve-status keeps the runner's own
-# exit code: 0 when nothing failed, skipped parts included.
-exec timeout --preserve-status --kill-after=15 345 "${PYTHON:-python3}" -m bench.gpu_check.run "$@"
+# exit code: 0 when nothing failed, skipped parts included. --foreground leaves Ctrl-C to reach the runner.
+exec timeout --foreground --preserve-status --kill-after=15 345 "${PYTHON:-python3}" -m bench.gpu_check.run "$@"

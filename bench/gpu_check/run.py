@@ -152,14 +152,17 @@ def run_part(part: Part, mode: str, work: Path, log, box_s: float, budget_s: flo
                     "seconds": seconds}
         return {"status": "fail", "reason": f"did not finish within its time box of {box_s:.0f} s"
                 + (f" (it had reached: {progress})" if progress else ""), "seconds": seconds}
-    except HardCap:
+    except BaseException:  # the hard cap's SIGTERM, Ctrl-C: the part's process group goes too
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         raise
     if not result_file.is_file():
         return {"status": "fail", "reason": f"the part's process exited {process.returncode} without a result "
                 f"(see gpu_check.log)", "seconds": round(time.perf_counter() - start, 1)}
-    return json.loads(result_file.read_text())
+    result = json.loads(result_file.read_text())
+    # What counts against the box: the process's start (imports, CUDA context) as well as the check itself.
+    result["check_s"], result["seconds"] = result.get("seconds"), round(time.perf_counter() - start, 1)
+    return result
 
 
 def _best(parts: dict, names: tuple) -> tuple:
@@ -280,12 +283,13 @@ def main(argv=None) -> int:
                     parts[part.name] = {"status": "skipped", "reason": f"not started: the {args.budget_s:.0f} s "
                                         f"budget was spent"}
                 else:
-                    part = replace(part, box_s=part.box_s * box_factor)
+                    part, part_start = replace(part, box_s=part.box_s * box_factor), time.monotonic()
                     try:
                         parts[part.name] = run_part(part, mode, work, log, min(part.box_s, left), args.budget_s)
                     except HardCap:
                         parts[part.name] = {"status": "skipped", "reason": f"stopped by the script's hard cap of "
-                                            f"{HARD_CAP_S / 60:.0f} minutes (SIGTERM)"}
+                                            f"{HARD_CAP_S / 60:.0f} minutes (SIGTERM)",
+                                            "seconds": round(time.monotonic() - part_start, 1)}
                         print(f"{part.name:<26} skipped: the hard cap", flush=True)
                         break
                 print(f"{part.name:<26} {parts[part.name]['status']:<8} {parts[part.name].get('seconds', 0):>6.1f} s  "
