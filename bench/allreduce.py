@@ -9,9 +9,17 @@ Two processes on this machine (gloo over loopback, `--threads` intra-op threads 
   hide, and 1 - difference / bucketed all-reduce time is the fraction hidden.
 It then prints what the same buckets cost with NCCL on 8 GPUs per node and 1-8 nodes at the stated link speeds
 (`--predict-only` prints just that). Figures only: nothing here asserts a speed.
+
+`--compile-order` instead compares how torch.compile and DDP combine (a smaller model, `--compile-model`, so that
+Inductor compiles it in reasonable time on a CPU): the model compiled and then wrapped in DDP, and the DDP wrapper
+compiled, each in its own pair of processes and timed in turns with eager DDP. For each it records, with the same
+comm hook, when each of DDP's buckets became ready after backward began (a bucket can only overlap backward if it is
+ready before backward ends) and how many pieces DDPOptimizer cut the compiled graph into.
 """
 import argparse
+import functools
 import json
+import logging
 import os
 import platform
 import sys
@@ -141,6 +149,133 @@ def measure(args: argparse.Namespace) -> dict:
     return result
 
 
+COMPILE_ORDERS = ("eager", "compile_then_ddp", "ddp_then_compile")
+
+
+def _wrap_in_order(order: str, model: torch.nn.Module) -> tuple:
+    """(what the step calls, the DDP module) for one of COMPILE_ORDERS, with the trainer's DDP settings."""
+    options = dict(bucket_cap_mb=BUCKET_CAP_MB, gradient_as_bucket_view=True)
+    if order == "compile_then_ddp":
+        ddp = DistributedDataParallel(torch.compile(model), **options)
+        return ddp, ddp
+    ddp = DistributedDataParallel(model, **options)
+    return (torch.compile(ddp) if order == "ddp_then_compile" else ddp), ddp
+
+
+class DDPGraphSplits(logging.Handler):
+    """While open, collects how many pieces DDPOptimizer cut each compiled graph into (it logs one line per graph
+    it splits, at INFO); none means no graph was compiled inside a DDP forward."""
+
+    LOGGER = "torch._dynamo.backends.distributed"
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.pieces = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "DDPOptimizer used bucket cap" in str(record.msg):
+            self.pieces.append(record.args[1])
+
+    def __enter__(self) -> "DDPGraphSplits":
+        log = logging.getLogger(self.LOGGER)
+        self._level = log.level
+        log.addHandler(self)
+        log.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        log = logging.getLogger(self.LOGGER)
+        log.removeHandler(self)
+        log.setLevel(self._level)
+
+
+class _OrderRun:
+    """One of COMPILE_ORDERS in this process: its model, what its step calls, and when DDP launched each bucket."""
+
+    def __init__(self, order: str, model_name: str):
+        torch.manual_seed(0)
+        self.order, self.model = order, build_model(model_name)
+        self.step_model, ddp = _wrap_in_order(order, self.model)
+        self.launched, self.sizes, self.ready = {}, {}, []
+        ddp.register_comm_hook(None, self._recording_allreduce)
+
+    def _recording_allreduce(self, state, bucket):
+        self.launched[bucket.index()] = time.perf_counter()
+        self.sizes[bucket.index()] = bucket.buffer().numel() * bucket.buffer().element_size()
+        return allreduce_hook(state, bucket)
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        loss = F.cross_entropy(self.step_model(images), labels)
+        self.launched.clear()
+        backward_start = time.perf_counter()
+        loss.backward()
+        self.model.zero_grad(set_to_none=False)
+        self.ready.append([self.launched[i] - backward_start for i in sorted(self.launched)])
+
+
+def _compile_order_worker(rank: int, world: int, init_file: str, order: str, args: argparse.Namespace,
+                          out: str) -> None:
+    """Eager DDP and `order`, taking turns in every repetition so that the machine's load hits them alike. One
+    compiled order per process: Dynamo's cache is per frame, so a second order here would reuse the first's code."""
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=1800))
+    images = torch.randn(args.compile_batch, 3, args.compile_image_size, args.compile_image_size)
+    labels = torch.randint(1000, (args.compile_batch,))
+    runs = [_OrderRun(name, args.compile_model) for name in ("eager", order)]
+    result = {}
+    for run in runs:
+        dist.barrier()
+        start = time.perf_counter()
+        with DDPGraphSplits() as splits:
+            run.step(images, labels)  # compiles; DDP re-buckets in the order backward produced the gradients
+        result[run.order] = {"first_step_s": time.perf_counter() - start, "graph_pieces": splits.pieces}
+    seconds = _timed(*[functools.partial(run.step, images, labels) for run in runs], reps=args.reps)
+    for run, step_s in zip(runs, seconds):
+        # The timed steps' buckets are the re-bucketed ones, the same in every step.
+        ready_s = torch.tensor(run.ready[-args.reps:], dtype=torch.float64).median(dim=0).values.tolist()
+        result[run.order].update(step_s=step_s, bucket_bytes=[run.sizes[i] for i in sorted(run.sizes)],
+                                 bucket_ready_s=ready_s)
+    result[order]["step_over_eager"] = result[order]["step_s"] / result["eager"]["step_s"]
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def compare_compile_orders(args: argparse.Namespace) -> dict:
+    """Per order: DDP's buckets, when each was ready as a fraction of backward, and the overlap window."""
+    result = {}
+    for order in COMPILE_ORDERS[1:]:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "result.json")
+            mp.spawn(_compile_order_worker, args=(WORLD, os.path.join(tmp, "init"), order, args, out), nprocs=WORLD,
+                     join=True)
+            measured = json.loads(Path(out).read_text())
+        result.setdefault("eager", measured["eager"])  # the first group's; each order has its own step_over_eager
+        result[order] = measured[order]
+    for r in result.values():
+        # The bucket ready last holds the first layers' gradients, the last ones backward produces: its launch
+        # marks the end of backward's compute. All-reduces can overlap backward from the first launch until then.
+        backward_s = max(r["bucket_ready_s"])
+        r["backward_s"] = backward_s
+        r["bucket_ready_fraction"] = [t / backward_s for t in r["bucket_ready_s"]]
+        r["overlap_window"] = 1 - min(r["bucket_ready_s"]) / backward_s
+    return result
+
+
+def print_compile_orders(result: dict, args: argparse.Namespace) -> None:
+    print(f"torch.compile and DDP: {args.compile_model} at {args.compile_image_size} px, batch {args.compile_batch}, "
+          f"gloo on loopback, {WORLD} processes x {args.threads} thread(s), median of {args.reps} steps")
+    print(f"{'order':17} {'graph pieces':>12} {'buckets':>7} {'1st step s':>10} {'step ms':>8} {'/ eager':>7} "
+          f"{'backward ms':>11} {'overlap window':>14}  buckets ready at (% of backward; MB)")
+    for order, r in result.items():
+        pieces = "+".join(map(str, r["graph_pieces"])) or ("-" if order == "eager" else "1 (unsplit)")
+        ready = ", ".join(f"{f:.0%} ({b / 1e6:.1f})" for f, b in zip(r["bucket_ready_fraction"], r["bucket_bytes"]))
+        print(f"{order:17} {pieces:>12} {len(r['bucket_bytes']):>7} {r['first_step_s']:>10.1f} "
+              f"{r['step_s'] * 1e3:>8.0f} {r.get('step_over_eager', 1):>7.2f} {r['backward_s'] * 1e3:>11.0f} "
+              f"{r['overlap_window']:>14.0%}  {ready}")
+
+
 def ring_seconds(nbytes: float, ranks: int, busbw_gbps: float, step_latency_s: float) -> float:
     """Ring all-reduce: every rank sends and receives 2(n-1)/n of the bytes, in 2(n-1) latency-bound steps."""
     if ranks == 1:
@@ -187,6 +322,11 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, default=128, help="image side of the measured step")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--predict-only", action="store_true", help="skip the measurement, print the prediction")
+    parser.add_argument("--compile-order", action="store_true",
+                        help="instead: compare eager DDP, compile-then-DDP and DDP-then-compile")
+    parser.add_argument("--compile-model", default="resnet18", help="model of --compile-order")
+    parser.add_argument("--compile-batch", type=int, default=8, help="batch of --compile-order")
+    parser.add_argument("--compile-image-size", type=int, default=64, help="image side of --compile-order")
     model = parser.add_argument_group("the NCCL prediction's assumptions")
     model.add_argument("--gpus-per-node", type=int, default=8)
     model.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 4, 8])
@@ -204,6 +344,12 @@ def main(argv=None) -> int:
 
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "torch": torch.__version__, "args": vars(args) | {"json": str(args.json)}}
+    if args.compile_order:
+        report["compile_order"] = compare_compile_orders(args)
+        print_compile_orders(report["compile_order"], args)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        return 0
     if not args.predict_only:
         m = measure(args)
         report["measured"] = m

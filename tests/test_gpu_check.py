@@ -1,16 +1,30 @@
-"""bench/gpu_check.sh --cpu-smoke: the GPU check's own code paths at tiny sizes on the CPU, as CI can run them."""
+"""bench/gpu_check.sh --cpu-smoke: the GPU check's own code paths at tiny sizes on the CPU, as CI can run them;
+its time boxes, budget and hard cap; and the CUDA-only parts' code on the CPU, where their mechanism runs there."""
+import dataclasses
+import functools
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
+import warnings
 
 import pytest
+import torch
 
+from bench.gpu_check import context, step
 from bench.gpu_check import run as gpu_check
+from bench.gpu_check.context import CheckFailed, Context
+from bench.gpu_check.images import check_images
+from data import dali
 from tests.helpers import ROOT
+from trainer.trainer import Trainer
 
 CPU_PARTS = {"env", "images", "loader", "train_synthetic", "train_dali", "bf16", "resume"}
-CUDA_PARTS = {"fp16", "syncbn", "train_synthetic_compiled", "train_dali_compiled"}
+CUDA_PARTS = {"fp16", "fp16_skip", "sync_free", "syncbn", "train_synthetic_compiled", "train_dali_compiled",
+              "compile_ddp"}
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +44,12 @@ def test_smoke_exits_zero_and_reports_every_part(smoke):
     assert set(report["parts"]) == CPU_PARTS | CUDA_PARTS
     assert report["counts"] == {"pass": len(CPU_PARTS), "fail": 0, "skipped": len(CUDA_PARTS)}
     assert all(report["parts"][name] == {"status": "skipped", "reason": "no CUDA"} for name in CUDA_PARTS)
-    assert "7 passed, 0 failed, 4 skipped" in result.stdout
+    assert "7 passed, 0 failed, 7 skipped" in result.stdout
     assert "===== resume" in (out / "gpu_check.log").read_text()
     table = (out / "gpu_check.md").read_text()
-    assert "7 passed, 0 failed, 4 skipped" in table
+    assert "7 passed, 0 failed, 7 skipped" in table and "so far" not in table
     assert all(f"| {name} | " in table for name in CPU_PARTS | CUDA_PARTS)
+    assert report["complete"] is True and report["time_boxes_s"]["resume"] == 35 * gpu_check.CPU_SMOKE_BOX_FACTOR
 
 
 @pytest.mark.slow
@@ -48,9 +63,12 @@ def test_cpu_parts_carry_their_figures(smoke):
     for name, backend in (("train_synthetic", "synthetic"), ("train_dali", "dali")):
         assert parts[name]["backend"] == backend and parts[name]["img_per_s"] > 0 and parts[name]["measured_steps"] > 0
     assert parts["bf16"]["loss_last3"] < parts["bf16"]["loss_first3"]
+    assert parts["bf16"]["epochs_completed"] == 0  # no epoch-end checkpoint or pipeline rebuild
     resume = parts["resume"]
     assert resume["resumed_at"] == resume["steps"] // 2 and resume["differences"] == []
     assert resume["train_losses_equal"] is True and resume["tensors_compared"] > 0
+    assert resume["deterministic"] is True and resume["checkpoint_tensors"] > resume["tensors_compared"]
+    assert resume["checkpoint_tensors_off_cpu"] == []
 
 
 @pytest.mark.slow
@@ -68,7 +86,9 @@ def test_targets_are_reported_but_do_not_apply_off_a_gpu(smoke):
 @pytest.mark.slow
 def test_gpu_mode_without_a_gpu_fails_with_a_clear_reason(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--parts", "env,loader", str(tmp_path)],
+    # The boxes are a GPU host's; this one is slower to start a part.
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--parts", "env,loader", "--box-factor",
+                             "4", str(tmp_path)],
                             check=False, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     report = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -85,3 +105,124 @@ def test_missing_packages_fail_every_part_and_name_what_to_install(tmp_path, mon
     assert report["missing_packages"] == ["nvidia_missing.dali (nvidia-missing-wheel)"]
     assert {p["status"] for p in report["parts"].values()} == {"fail"}
     assert "nvidia-missing-wheel" in report["parts"]["images"]["reason"]
+
+
+def test_the_time_boxes_fit_the_budget_and_the_budget_fits_the_hard_cap():
+    assert sum(p.box_s for p in gpu_check.PARTS) <= gpu_check.BUDGET_S
+    compiles = [p for p in gpu_check.PARTS if p.compiles]
+    assert gpu_check.PARTS[-len(compiles):] == tuple(compiles) and all(p.needs_cuda for p in compiles)
+    script = (ROOT / "bench" / "gpu_check.sh").read_text()
+    cap = re.search(r"timeout --foreground --preserve-status --kill-after=(\d+) (\d+) ", script)
+    kill_after, term_after = int(cap[1]), int(cap[2])
+    assert term_after + kill_after == gpu_check.HARD_CAP_S == 6 * 60
+    assert gpu_check.BUDGET_S + 10 <= term_after  # the runner's own start and report fit before the SIGTERM
+
+
+@pytest.mark.parametrize("sizes", [context.GPU, context.CPU_SMOKE], ids=["gpu", "cpu-smoke"])
+def test_the_fp16_and_bf16_runs_stay_within_the_demo_sets_first_epoch(sizes):
+    assert sizes.short_steps * sizes.short_batch <= sizes.demo.classes * sizes.demo.train_per_class
+
+
+@pytest.fixture
+def stuck_part(tmp_path, monkeypatch):
+    """A part whose process never finishes."""
+    fake_python = tmp_path / "stuck"
+    fake_python.write_text("#!/bin/sh\nexec sleep 60\n")
+    fake_python.chmod(0o755)
+    monkeypatch.setattr(gpu_check, "PYTHON", str(fake_python))
+    return gpu_check.Part("stuck", 1, "never finishes", "bench.gpu_check.env:check_env")
+
+
+def test_a_part_past_its_box_fails_but_one_the_budget_cut_is_skipped(stuck_part, tmp_path):
+    with open(tmp_path / "log", "wb") as log:
+        own_box = gpu_check.run_part(stuck_part, "gpu", tmp_path, log, box_s=1, budget_s=330)
+        budget_cut = gpu_check.run_part(dataclasses.replace(stuck_part, box_s=30), "gpu", tmp_path, log, box_s=1,
+                                        budget_s=330)
+    assert own_box["status"] == "fail" and own_box["reason"] == "did not finish within its time box of 1 s"
+    assert budget_cut["status"] == "skipped"
+    assert budget_cut["reason"].startswith("cut by the 330 s budget after 1 s of its 30 s time box")
+
+
+def test_a_compiling_part_past_its_box_is_skipped_only_while_it_compiles(stuck_part, tmp_path):
+    part = dataclasses.replace(stuck_part, compiles=True)
+    progress = tmp_path / "results" / "stuck.progress"
+    with open(tmp_path / "log", "wb") as log:
+        progress.parent.mkdir()
+        progress.write_text("compiling\n")
+        compiling = gpu_check.run_part(part, "gpu", tmp_path, log, box_s=1, budget_s=330)
+        progress.write_text("compiled\n")
+        compiled = gpu_check.run_part(part, "gpu", tmp_path, log, box_s=1, budget_s=330)
+    assert compiling["status"] == "skipped" and "torch.compile had not finished" in compiling["reason"]
+    assert compiled == {"status": "fail", "reason": "did not finish within its time box of 1 s (it had reached: "
+                        "compiled)", "seconds": compiled["seconds"]}
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_running_part_and_the_report_is_still_written(tmp_path):
+    # What bench/gpu_check.sh's timeout sends at the hard cap.
+    out = tmp_path / "out"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+    runner = subprocess.Popen([sys.executable, "-m", "bench.gpu_check.run", "--cpu-smoke", "--parts",
+                               "env,images,loader", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while "===== images" not in ((out / "gpu_check.log").read_text() if (out / "gpu_check.log").is_file() else ""):
+        assert time.monotonic() < deadline and runner.poll() is None, "the images part never started"
+        time.sleep(0.1)
+    runner.send_signal(signal.SIGTERM)
+    stdout, _ = runner.communicate(timeout=60)
+    assert runner.returncode == 0, stdout  # cut parts are skipped, not failed
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["complete"] is True and report["parts"]["env"]["status"] == "pass"
+    images = report["parts"]["images"]
+    assert images["status"] == "skipped" and images["seconds"] >= 0
+    assert images["reason"] == "stopped by the script's hard cap of 6 minutes (SIGTERM)"
+    assert report["parts"]["loader"]["reason"] == "not started: the script's hard cap of 6 minutes was reached"
+    assert "1 passed, 0 failed, 2 skipped" in stdout
+
+
+@pytest.mark.slow
+def test_fp16_skip_on_the_cpu(tmp_path):
+    # torch runs fp16 autocast with a GradScaler on the CPU too; on a GPU the part checks the CUDA kernels.
+    figures = step.check_fp16_skip(Context("cpu-smoke", tmp_path)).figures
+    assert figures["skipped"] == 1 and figures["nonfinite_total_after"] == figures["nonfinite_total_before"] + 1
+    assert figures["grad_scale_after"] < figures["grad_scale_before"]
+    assert figures["changed"] == [] and figures["tensors_compared"] > 0
+
+
+@pytest.fixture(scope="module")
+def images_ctx(tmp_path_factory):
+    ctx = Context("cpu-smoke", tmp_path_factory.mktemp("gpu_check_parts"))
+    check_images(ctx)
+    return ctx
+
+
+@pytest.mark.slow
+def test_sync_free_names_where_the_loader_or_the_step_synced(images_ctx, monkeypatch):
+    # The CPU has no sync debug mode: torch's warning is raised by hand where a sync would be.
+    figures = step.check_sync_free(images_ctx).figures
+    assert figures["step_syncs"] == figures["loader_syncs"] == 0 and figures["train_steps_checked"] == 2
+
+    def syncing(function):
+        def synced(*args):
+            warnings.warn(step.SYNC_WARNING, stacklevel=1)
+            return function(*args)
+        return synced
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", syncing(Trainer._optimizer_step))
+    monkeypatch.setattr(dali, "_to_torch", syncing(dali._to_torch))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unchecked warm-up batches' own
+        with pytest.raises(CheckFailed) as failed:
+            step.check_sync_free(images_ctx)
+    assert re.fullmatch(r"the train steps synced 2 times: 2x tests/test_gpu_check.py:\d+ \(synced\) and the DALI "
+                        r"loader synced 2 times: 2x tests/test_gpu_check.py:\d+ \(synced\)", str(failed.value))
+    assert failed.value.figures["step_syncs"] == failed.value.figures["loader_syncs"] == 2
+
+
+@pytest.mark.slow
+def test_compile_ddp_on_one_cpu_rank(tmp_path, monkeypatch):
+    # aot_eager: Dynamo, DDPOptimizer and AOTAutograd as under Inductor, without its minutes of C++ compiles here.
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    figures = step.check_compile_ddp(Context("cpu-smoke", tmp_path)).figures
+    assert figures["wrappers"] == ["DistributedDataParallel", "OptimizedModule"] and figures["backend"] == "gloo"
+    assert figures["graph_pieces"] and figures["steps"] == 2

@@ -170,3 +170,21 @@ def test_every_rank_raises_the_error_of_the_rank_that_failed():
     mp.start_processes(_fail_on_rank_1, args=(port, results), nprocs=2, start_method="spawn")
     got = sorted(results.get(timeout=10) for _ in range(2))
     assert got == [(0, "shard 7 of /data/x is unreadable", 1), (1, "shard 7 of /data/x is unreadable", 1)]
+
+
+def test_a_one_rank_process_group_gets_ddp_around_the_compiled_model_and_accumulation_skips_its_sync(tmp_path):
+    # The GPU check's way to the multi-GPU path at world size 1.
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        with make_trainer(tmp_path, "train.compile=true", "train.grad_accum=2") as trainer:
+            assert isinstance(trainer.model, DistributedDataParallel)
+            assert trainer.model.module._orig_mod is trainer.raw_model  # compiled, then wrapped
+            with trainer._gradient_sync(last=False):
+                assert trainer.model.require_backward_grad_sync is False
+            with trainer._gradient_sync(last=True):
+                assert trainer.model.require_backward_grad_sync is True
+    finally:
+        dist.destroy_process_group()

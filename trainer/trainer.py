@@ -186,8 +186,12 @@ class Trainer:
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.cfg.train.compile:
+            # Compiled here, the module's forward still compiles inside DDP's, so DDPOptimizer cuts its graph at the
+            # bucket boundaries and all-reduce overlaps backward as when compiling the wrapper (measured both ways in
+            # docs/performance.md); this way Dynamo stays out of DDP's own code, as PyTorch advises.
             model = torch.compile(model)
-        if self.dist.world_size > 1:
+        # A process group of one rank (the GPU check makes one) gets DDP too: the multi-GPU path at world size 1.
+        if self.dist.world_size > 1 or torch.distributed.is_initialized():
             # Buckets fill in reverse layer order while backward runs, so all-reduce overlaps the backward pass;
             # gradients as bucket views save one copy of every gradient.
             model = DistributedDataParallel(

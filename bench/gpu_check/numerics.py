@@ -25,6 +25,7 @@ def _short_run(ctx: Context, precision: str) -> Passed:
 
     The first thing SGD learns is that only the demo's few classes occur, so a working optimizer step (with the
     GradScaler unscaling, skipping and growing in fp16) brings the loss down within a few steps; a broken one does not.
+    The steps stay within the first epoch: no epoch-end checkpoint or pipeline rebuild, one final checkpoint.
     """
     s = ctx.sizes
     size = s.short_image_size
@@ -38,8 +39,9 @@ def _short_run(ctx: Context, precision: str) -> Passed:
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     figures = {"model": s.model, "precision": precision, "steps": len(losses), "batch": s.short_batch,
                "loss_first3": first, "loss_last3": last, "losses": [round(x, 4) for x in losses]}
+    checkpoint = torch.load(max((run_dir / "checkpoints").glob("ckpt-*.pt")), weights_only=True)
+    figures["epochs_completed"] = checkpoint["epoch"]
     if precision == "fp16":
-        checkpoint = torch.load(max((run_dir / "checkpoints").glob("ckpt-*.pt")), weights_only=True)
         figures["grad_scale"] = float(checkpoint["scaler"]["scale"])
     if not all(math.isfinite(x) for x in losses):
         raise CheckFailed("non-finite loss", **figures)

@@ -1,12 +1,15 @@
-"""`bench/gpu_check.sh OUT_DIR`: everything one GPU machine should show, in one run of at most 5 minutes.
+"""`bench/gpu_check.sh OUT_DIR`: everything one GPU machine should show, in one run of at most 6 minutes.
 
 Environment; DALI's mixed-decode train pipeline alone at several hw_decoder_load values; ResNet-50 training
 images/s (the preset: batch 256, bf16, channels_last) on synthetic data and on the DALI loader, eager and under
-torch.compile; fp16 + GradScaler and bf16 runs whose loss must come down; SyncBatchNorm across two ranks and an
-NCCL DDP step; a checkpoint resume that must match an uninterrupted run bit for bit. Each part runs in its own
-process within a time box, on JPEGs generated at the start. Writes OUT_DIR/gpu_check.json (every part's status and
-figures, the targets), gpu_check.md (the same as a table) and gpu_check.log; exits 1 if any part failed.
-Targets are reported, not enforced.
+torch.compile; fp16 + GradScaler and bf16 runs whose loss must come down; a non-finite fp16 step that must be
+skipped and leave the model bit for bit as it was; train steps that must not make the host wait for the GPU;
+SyncBatchNorm across two ranks and an NCCL DDP step; a deterministic checkpoint resume that must match an
+uninterrupted run bit for bit, with a checkpoint of CPU tensors; the trainer compiled with DDP. Each part runs in
+its own process within its time box, on JPEGs generated at the start. Writes OUT_DIR/gpu_check.json (every part's
+status and figures, the targets), gpu_check.md (the same as a table) and gpu_check.log, after every part; exits 1
+if any part failed. Parts the budget or the hard cap cut are `skipped`, not failed. Targets are reported, not
+enforced.
 
 `--cpu-smoke` runs the same code at tiny sizes on the CPU (DALI CPU, ResNet-20); parts that need CUDA are
 skipped. This module only imports the standard library, so that a missing package is reported, not a traceback.
@@ -21,10 +24,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+"""The interpreter each part runs in."""
 # The Python distributions behind each import, for the message when one is missing (no network on GPU machines).
 REQUIRED = {"torch": "torch", "torchvision": "torchvision", "nvidia.dali": "nvidia-dali-cuda130",
             "omegaconf": "omegaconf", "tqdm": "tqdm", "numpy": "numpy", "PIL": "pillow",
@@ -39,39 +44,72 @@ TARGET_LOADER_OVER_TRAINING = 1.5
 class Part:
     name: str
     box_s: float
-    """Most seconds it may take on a GPU machine; it is killed after that (or when the whole budget is spent)."""
+    """Most seconds it may take on a GPU machine, its process start included; killed after that. Running past its
+    box fails a part, but a compiling part that had not finished compiling is skipped: Inductor's compile time is
+    the host CPU's and its cache's, not the GPU's."""
     what: str
     check: str
     """`module:function` that runs it: takes a bench.gpu_check.context.Context, returns Passed (figures and headline)
     or raises CheckFailed. Named, not imported: this module imports only the standard library."""
     needs_cuda: bool = False
     needs_images: bool = False
+    compiles: bool = False
+    """Runs torch.compile: its box has room for Inductor's first compile, and it runs after every other part."""
 
 
-# Correctness first, the compiles last: if the budget runs out, only the slowest figures are lost.
+# Correctness first, the compiles last, each in its own box. The boxes are estimates for one H200 on a 16-core host,
+# 1.5-2 times what each part should take there (docs/performance.md lists the estimates; the first GPU run's
+# gpu_check.md shows the real times next to the boxes); the compiles' are for a cold Inductor cache. They add up to
+# the budget, so the parts before the compiles cannot use the compiles' time, and the script ends within its cap.
 PARTS = (
-    Part("env", 30, "GPU, driver, CUDA, cuDNN, NCCL, torch, DALI versions", "bench.gpu_check.env:check_env"),
-    Part("images", 45, "ImageNet-like JPEGs (bench.images' generator) hard-linked into a big split; demo set",
+    Part("env", 15, "GPU, driver, CUDA, cuDNN, NCCL, torch, DALI versions", "bench.gpu_check.env:check_env"),
+    Part("images", 20, "ImageNet-like JPEGs (bench.images' generator) hard-linked into a big split; demo set",
          "bench.gpu_check.images:check_images"),
-    Part("loader", 50, "DALI train pipeline alone, images/s per hw_decoder_load",
+    Part("loader", 20, "DALI train pipeline alone, images/s per hw_decoder_load",
          "bench.gpu_check.throughput:check_loader", needs_images=True),
-    Part("train_synthetic", 45, "Trainer images/s on synthetic data (the model's ceiling)",
+    Part("train_synthetic", 20, "Trainer images/s on synthetic data (the model's ceiling)",
          "bench.gpu_check.throughput:check_train_synthetic"),
-    Part("train_dali", 45, "Trainer images/s on the DALI loader",
+    Part("train_dali", 25, "Trainer images/s on the DALI loader",
          "bench.gpu_check.throughput:check_train_dali", needs_images=True),
-    Part("fp16", 40, "fp16 + GradScaler run on the demo set: the loss must come down",
+    Part("fp16", 15, "fp16 + GradScaler run on the demo set: the loss must come down",
          "bench.gpu_check.numerics:check_fp16", needs_cuda=True, needs_images=True),
-    Part("bf16", 40, "bf16 run on the demo set: the loss must come down",
+    Part("bf16", 15, "bf16 run on the demo set: the loss must come down",
          "bench.gpu_check.numerics:check_bf16", needs_images=True),
-    Part("syncbn", 45, "SyncBatchNorm on 2 ranks vs BatchNorm on the whole batch; NCCL DDP + SyncBN step",
+    Part("fp16_skip", 15, "an fp16 step on an inf batch: skipped, counted, the model bitwise as before",
+         "bench.gpu_check.step:check_fp16_skip", needs_cuda=True),
+    Part("sync_free", 15, "train steps that neither log nor check for a stop: no host sync, loader and trainer",
+         "bench.gpu_check.step:check_sync_free", needs_cuda=True, needs_images=True),
+    Part("syncbn", 20, "SyncBatchNorm on 2 ranks vs BatchNorm on the whole batch; NCCL DDP + SyncBN step",
          "bench.gpu_check.numerics:check_syncbn", needs_cuda=True),
-    Part("resume", 60, "N steps vs N/2 + resume + N/2, compared bitwise",
+    Part("resume", 35, "N steps vs N/2 + resume + N/2, deterministic, compared bitwise; CPU tensors saved",
          "bench.gpu_check.resume:check_resume", needs_images=True),
-    Part("train_synthetic_compiled", 120, "as train_synthetic, under torch.compile",
-         "bench.gpu_check.throughput:check_train_synthetic_compiled", needs_cuda=True),
-    Part("train_dali_compiled", 90, "as train_dali, under torch.compile",
-         "bench.gpu_check.throughput:check_train_dali_compiled", needs_cuda=True, needs_images=True),
+    Part("train_synthetic_compiled", 55, "as train_synthetic, under torch.compile (Inductor's first compile)",
+         "bench.gpu_check.throughput:check_train_synthetic_compiled", needs_cuda=True, compiles=True),
+    Part("train_dali_compiled", 30, "as train_dali, under torch.compile (from Inductor's cache)",
+         "bench.gpu_check.throughput:check_train_dali_compiled", needs_cuda=True, needs_images=True, compiles=True),
+    Part("compile_ddp", 30, "the trainer compiled with DDP (DDPOptimizer) on a 1-rank NCCL group, grad_accum 2",
+         "bench.gpu_check.step:check_compile_ddp", needs_cuda=True, compiles=True),
 )
+BUDGET_S = 330.0
+"""All the parts' boxes together: 215 s for the checks, 115 s for the compiles."""
+HARD_CAP_S = 360.0
+"""bench/gpu_check.sh's cap on the whole script: SIGTERM 15 s before it (this runner then stops the running part
+and writes the report), SIGKILL at it. The 15 s between the budget and the SIGTERM are the runner's own."""
+assert sum(p.box_s for p in PARTS) <= BUDGET_S, "the parts' time boxes must fit the budget"
+assert [p.compiles for p in PARTS] == sorted(p.compiles for p in PARTS), "the compiling parts come last"
+MIN_START_S = 5.0
+"""A part is not started with less than this left of the budget."""
+CPU_SMOKE_BOX_FACTOR = 4.0
+"""--cpu-smoke's --box-factor: a loaded 2-core CPU imports and builds slower than a GPU host, and there the boxes
+only guard against hangs. The budget and the cap stay."""
+
+
+class HardCap(Exception):
+    """SIGTERM from bench/gpu_check.sh's timeout: the script's hard cap is near."""
+
+
+def _on_sigterm(signum, frame):
+    raise HardCap()
 
 
 def _importable(module: str) -> bool:
@@ -85,13 +123,15 @@ def missing_modules() -> list:
     return [f"{module} ({dist})" for module, dist in REQUIRED.items() if not _importable(module)]
 
 
-def run_part(part: Part, mode: str, work: Path, log, box_s: float) -> dict:
-    """Runs one part in its own process group, killed as a whole if it outlasts `box_s`."""
+def run_part(part: Part, mode: str, work: Path, log, box_s: float, budget_s: float) -> dict:
+    """Runs one part in its own process group, killed as a whole if it outlasts `box_s`: its own time box, or
+    what was left of the budget when that was less."""
     result_file = work / "results" / f"{part.name}.json"
+    progress_file = result_file.with_suffix(".progress")
     result_file.parent.mkdir(parents=True, exist_ok=True)
     log.write(f"\n===== {part.name}: {part.what} (time box {box_s:.0f} s) =====\n".encode())
     log.flush()
-    command = [sys.executable, "-m", "bench.gpu_check.part", "--part", part.name, "--mode", mode,
+    command = [PYTHON, "-m", "bench.gpu_check.part", "--part", part.name, "--mode", mode,
                "--work", str(work), "--result", str(result_file)]
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -101,12 +141,28 @@ def run_part(part: Part, mode: str, work: Path, log, box_s: float) -> dict:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-        return {"status": "fail", "reason": f"did not finish within its time box of {box_s:.0f} s",
-                "seconds": round(time.perf_counter() - start, 1)}
+        seconds = round(time.perf_counter() - start, 1)
+        if box_s < part.box_s:
+            return {"status": "skipped", "reason": f"cut by the {budget_s:.0f} s budget after {seconds:.0f} s of "
+                    f"its {part.box_s:.0f} s time box", "seconds": seconds}
+        progress = progress_file.read_text().strip() if progress_file.is_file() else ""
+        if part.compiles and progress != "compiled":
+            return {"status": "skipped", "reason": f"torch.compile had not finished within the part's time box of "
+                    f"{box_s:.0f} s (compile time is the host CPU's and Inductor's cache's, not the GPU's)",
+                    "seconds": seconds}
+        return {"status": "fail", "reason": f"did not finish within its time box of {box_s:.0f} s"
+                + (f" (it had reached: {progress})" if progress else ""), "seconds": seconds}
+    except BaseException:  # the hard cap's SIGTERM, Ctrl-C: the part's process group goes too
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
     if not result_file.is_file():
         return {"status": "fail", "reason": f"the part's process exited {process.returncode} without a result "
                 f"(see gpu_check.log)", "seconds": round(time.perf_counter() - start, 1)}
-    return json.loads(result_file.read_text())
+    result = json.loads(result_file.read_text())
+    # What counts against the box: the process's start (imports, CUDA context) as well as the check itself.
+    result["check_s"], result["seconds"] = result.get("seconds"), round(time.perf_counter() - start, 1)
+    return result
 
 
 def _best(parts: dict, names: tuple) -> tuple:
@@ -153,17 +209,24 @@ def markdown(report: dict) -> str:
                f"{env.get('torch')}, DALI {env.get('dali')}")
     counts = report["counts"]
     summary = (f"`bench/gpu_check.sh` ({report['mode']}), {report['started']}, {machine}: {counts['pass']} passed, "
-               f"{counts['fail']} failed, {counts['skipped']} skipped in {report['elapsed_s']:.0f} s")
-    lines = [summary, "", "| part | status | s | result |", "|---|---|---:|---|"]
+               f"{counts['fail']} failed, {counts['skipped']} skipped in {report['elapsed_s']:.0f} s"
+               + ("" if report["complete"] else " (so far: the run had not finished)"))
+    lines = [summary, "", "| part | status | s | box s | result |", "|---|---|---:|---:|---|"]
     for name, result in report["parts"].items():
-        lines.append(f"| {name} | {result['status']} | {result.get('seconds', 0):.1f} | {headline(result)} |")
+        lines.append(f"| {name} | {result['status']} | {result.get('seconds', 0):.1f} | "
+                     f"{report['time_boxes_s'][name]:.0f} | {headline(result)} |")
     t = report["targets"]
     for key in ("train_img_per_s_with_dali", "loader_alone_img_per_s"):
         measured = t[key]["measured"]
         status = "met" if t[key]["met"] else "not met" if t["applies"] else "n/a off a GPU"
-        lines.append(f"| target {key} | {status} | | "
+        lines.append(f"| target {key} | {status} | | | "
                      f"{'-' if measured is None else round(measured)} vs {t[key]['target']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: Path, report: dict) -> None:
+    (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
+    (out_dir / "gpu_check.md").write_text(markdown(report))
 
 
 def main(argv=None) -> int:
@@ -171,11 +234,16 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", type=Path, help="gpu_check.json and gpu_check.log go here")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU; CUDA parts are skipped")
-    parser.add_argument("--budget-s", type=float, default=285.0, help="wall-clock budget of all parts together")
+    parser.add_argument("--budget-s", type=float, default=BUDGET_S,
+                        help="wall-clock budget of all parts together; parts it cuts are skipped")
+    parser.add_argument("--box-factor", type=float,
+                        help=f"multiply every part's time box, on a slower host (default 1, {CPU_SMOKE_BOX_FACTOR:g} "
+                             f"with --cpu-smoke)")
     parser.add_argument("--parts", help="comma-separated subset of: " + ", ".join(p.name for p in PARTS))
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed at the end)")
     args = parser.parse_args(argv)
     mode = "cpu-smoke" if args.cpu_smoke else "gpu"
+    box_factor = args.box_factor or (CPU_SMOKE_BOX_FACTOR if args.cpu_smoke else 1.0)
     chosen = set(args.parts.split(",")) if args.parts else {p.name for p in PARTS}
     unknown = chosen - {p.name for p in PARTS}
     if unknown:
@@ -184,46 +252,71 @@ def main(argv=None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu_check-"))
     work.mkdir(parents=True, exist_ok=True)
 
-    started, deadline = time.strftime("%Y-%m-%d %H:%M:%S"), time.monotonic() + args.budget_s
+    started, start = time.strftime("%Y-%m-%d %H:%M:%S"), time.monotonic()
+    deadline = start + args.budget_s
     parts, missing = {}, missing_modules()
-    with open(args.out_dir / "gpu_check.log", "wb") as log:
-        for part in PARTS:
-            if part.name not in chosen:
-                continue
-            left = deadline - time.monotonic()
-            if missing:
-                parts[part.name] = {"status": "fail", "reason": "missing Python packages: " + ", ".join(missing)}
-            elif part.needs_cuda and mode == "cpu-smoke":
-                parts[part.name] = {"status": "skipped", "reason": "no CUDA"}
-            elif parts.get("env", {}).get("status") == "fail":
-                parts[part.name] = {"status": "fail", "reason": "the environment check failed"}
-            elif part.needs_images and parts.get("images", {}).get("status") != "pass":
-                parts[part.name] = {"status": "fail", "reason": "needs the generated images (part images)"}
-            elif left < 5:
-                parts[part.name] = {"status": "fail", "reason": f"the {args.budget_s:.0f} s budget was spent"}
-            else:
-                parts[part.name] = run_part(part, mode, work, log, min(part.box_s, left))
-            print(f"{part.name:<26} {parts[part.name]['status']:<8} {parts[part.name].get('seconds', 0):>6.1f} s  "
-                  f"{headline(parts[part.name])}", flush=True)
 
-    counts = {s: sum(p["status"] == s for p in parts.values()) for s in ("pass", "fail", "skipped")}
-    report = {"tool": "bench/gpu_check.sh", "mode": mode, "started": started,
-              "elapsed_s": round(args.budget_s - (deadline - time.monotonic()), 1), "budget_s": args.budget_s,
-              "ok": counts["fail"] == 0, "counts": counts, "env": parts.get("env", {}), "parts": parts,
-              "targets": targets(parts, mode), "missing_packages": missing}
-    (args.out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
-    (args.out_dir / "gpu_check.md").write_text(markdown(report))
-    t = report["targets"]
+    def report(complete: bool) -> dict:
+        counts = {s: sum(p["status"] == s for p in parts.values()) for s in ("pass", "fail", "skipped")}
+        return {"tool": "bench/gpu_check.sh", "mode": mode, "started": started, "complete": complete,
+                "elapsed_s": round(time.monotonic() - start, 1), "budget_s": args.budget_s,
+                "ok": counts["fail"] == 0, "counts": counts, "env": parts.get("env", {}), "parts": parts,
+                "time_boxes_s": {p.name: p.box_s * box_factor for p in PARTS if p.name in chosen},
+                "targets": targets(parts, mode), "missing_packages": missing}
+
+    previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        with open(args.out_dir / "gpu_check.log", "wb") as log:
+            for part in PARTS:
+                if part.name not in chosen:
+                    continue
+                left = deadline - time.monotonic()
+                if missing:
+                    parts[part.name] = {"status": "fail", "reason": "missing Python packages: " + ", ".join(missing)}
+                elif part.needs_cuda and mode == "cpu-smoke":
+                    parts[part.name] = {"status": "skipped", "reason": "no CUDA"}
+                elif parts.get("env", {}).get("status") == "fail":
+                    parts[part.name] = {"status": "fail", "reason": "the environment check failed"}
+                elif part.needs_images and parts.get("images", {}).get("status") != "pass":
+                    parts[part.name] = {"status": "fail", "reason": "needs the generated images (part images)"}
+                elif left < MIN_START_S:
+                    parts[part.name] = {"status": "skipped", "reason": f"not started: the {args.budget_s:.0f} s "
+                                        f"budget was spent"}
+                else:
+                    part, part_start = replace(part, box_s=part.box_s * box_factor), time.monotonic()
+                    try:
+                        parts[part.name] = run_part(part, mode, work, log, min(part.box_s, left), args.budget_s)
+                    except HardCap:
+                        parts[part.name] = {"status": "skipped", "reason": f"stopped by the script's hard cap of "
+                                            f"{HARD_CAP_S / 60:.0f} minutes (SIGTERM)",
+                                            "seconds": round(time.monotonic() - part_start, 1)}
+                        print(f"{part.name:<26} skipped: the hard cap", flush=True)
+                        break
+                print(f"{part.name:<26} {parts[part.name]['status']:<8} {parts[part.name].get('seconds', 0):>6.1f} s  "
+                      f"{headline(parts[part.name])}", flush=True)
+                write_report(args.out_dir, report(complete=False))
+    except HardCap:  # between parts
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    for part in PARTS:
+        if part.name in chosen and part.name not in parts:
+            parts[part.name] = {"status": "skipped", "reason": f"not started: the script's hard cap of "
+                                f"{HARD_CAP_S / 60:.0f} minutes was reached"}
+
+    final = report(complete=True)
+    write_report(args.out_dir, final)
+    t, counts = final["targets"], final["counts"]
     if t["applies"]:
         for key in ("train_img_per_s_with_dali", "loader_alone_img_per_s"):
             measured = t[key]["measured"]
             print(f"target {key}: {measured and round(measured)} vs {t[key]['target']:.0f} "
                   f"({'met' if t[key]['met'] else 'NOT met'})")
     print(f"{counts['pass']} passed, {counts['fail']} failed, {counts['skipped']} skipped in "
-          f"{report['elapsed_s']:.0f} s; report {args.out_dir / 'gpu_check.json'}")
+          f"{final['elapsed_s']:.0f} s; report {args.out_dir / 'gpu_check.json'}")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
-    return 0 if report["ok"] else 1
+    return 0 if final["ok"] else 1
 
 
 if __name__ == "__main__":
