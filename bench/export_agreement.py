@@ -1,7 +1,8 @@
 """`python -m bench.export_agreement RUN_DIR [--data ROOT]`: exports the run's latest checkpoint for torchvision's
 standard transforms and prints its val top-1 under them (PIL, Resize, CenterCrop, ToImage, ToDtype(scale=True),
 Normalize(ImageNet mean, std)) beside the top-1 the trainer logged, and in how many images its prediction differs
-from the checkpoint's own on the trainer's DALI pipeline."""
+from the checkpoint's own on the trainer's DALI pipeline: with torchvision's resize, and on DALI's pixels (the fold
+alone)."""
 import argparse
 import json
 import sys
@@ -15,7 +16,7 @@ from torchvision.transforms import v2
 from data.folder import list_split
 from data.loader import build_loader
 from trainer import saved_run
-from trainer.export import export
+from trainer.export import export, to_torchvision_input
 
 
 @torch.no_grad()
@@ -33,7 +34,13 @@ def main(argv=None) -> int:
         source = Path(record["source"]["checkpoint"])
         state = saved_run.load(source)
         cfg = saved_run.config_of(state, [])
-        model = saved_run.build(state, cfg, load_file(out), source)
+        if record["builder"].startswith("torchvision."):  # torchvision's own model, where it has the net
+            import torchvision
+            model = getattr(torchvision.models, record["model"])(num_classes=record["num_classes"])
+            model.load_state_dict(load_file(out))
+            model.eval()
+        else:
+            model = saved_run.build(state, cfg, load_file(out), source)
     trained = saved_run.build(state, cfg, state["model"], source)
     pre = record["preprocessing"]
     transform = v2.Compose([v2.Resize(pre["val_resize"]), v2.CenterCrop(pre["image_size"]), v2.ToImage(),
@@ -51,14 +58,21 @@ def main(argv=None) -> int:
     # One process reads the val split in file order: the trainer's pipeline, image for image.
     loader = build_loader(cfg.data, "val", batch_size=args.batch_size, rank=0, world_size=1,
                           device=torch.device("cpu"), seed=cfg.seed)
-    ours = torch.cat([trained(images).argmax(1) for images, _ in loader])
+    ours, folded = [], []
+    mean = torch.tensor(record["trained_preprocessing"]["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(record["trained_preprocessing"]["std"] or [1.0, 1.0, 1.0]).view(1, 3, 1, 1)
+    for images, _ in loader:
+        ours.append(trained(images).argmax(1))
+        folded.append(model(to_torchvision_input(images * std + mean)).argmax(1))  # the same pixels, refolded
+    ours, folded = torch.cat(ours), torch.cat(folded)
     logged = record["val"]
-    print(json.dumps({"run": str(args.run_dir), "model": record["model"], "step": record["source"]["step"],
+    print(json.dumps({"run": str(args.run_dir), "model": record["builder"], "step": record["source"]["step"],
                       "images": len(paths), "torchvision_transforms_top1": top1,
                       "trainer_logged_top1": logged["top1"] if logged else None,
                       "difference_points": top1 - logged["top1"] if logged else None,
                       "checkpoint_on_dali_top1": 100 * (ours == labels).double().mean().item(),
                       "predictions_differing": int((ours != predicted).sum()),
+                      "predictions_differing_on_dali_pixels": int((ours != folded).sum()),
                       "fold": record["fold"]}, indent=1))
     return 0
 
