@@ -108,6 +108,7 @@ def test_onnx_agrees_with_torch_under_onnxruntime(exported):
     import onnxruntime
     record = json.loads((exported / "r18.onnx.json").read_text())
     assert record["onnx"]["max_abs_diff_onnxruntime"] < 1e-4
+    assert sorted(p.name for p in exported.glob("r18.onnx*")) == ["r18.onnx", "r18.onnx.json"]  # no external data
     session = onnxruntime.InferenceSession(str(exported / "r18.onnx"), providers=["CPUExecutionProvider"])
     batch = torch.randn(3, 3, 32, 32)
     logits = torch.from_numpy(session.run(["logits"], {"images": batch.numpy()})[0])
@@ -156,6 +157,11 @@ def test_cifar_net_exports_to_safetensors_with_its_builder_named(cifar_checkpoin
     assert record["val"] is None
     assert record["fold"]["max_abs_logit_diff"] < 0.01 * record["fold"]["max_abs_logit"]
     build_model("resnet20", 3).load_state_dict(load_file(out))
+
+
+def test_ema_of_a_run_without_one_is_refused(cifar_checkpoint, tmp_path, capsys):
+    assert main([str(cifar_checkpoint), "--format", "safetensors", "--out", str(tmp_path / "x"), "--ema"]) == 1
+    assert "holds no EMA weights" in capsys.readouterr().err
 
 
 def test_cifar_net_to_torchvision_is_refused(cifar_checkpoint, tmp_path, capsys):

@@ -100,7 +100,8 @@ def export_onnx(model: nn.Module, out: Path, image_size: int) -> dict:
 
     example = torch.randn(2, 3, image_size, image_size)
     torch.onnx.export(model, (example,), str(out), dynamo=True, opset_version=ONNX_OPSET, input_names=["images"],
-                      output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+                      output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+                      external_data=False)  # one file: the weights of every net here are far below protobuf's 2 GB
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     batch = torch.randn(CHECK_BATCH + 1, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
     logits = torch.from_numpy(session.run(["logits"], {"images": batch.numpy()})[0])
