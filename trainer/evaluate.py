@@ -116,8 +116,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         distributed.shutdown()
     if d.is_main:
         out = args.json or source.with_name(f"{source.stem}.eval{'-ema' if args.ema else ''}.json")
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"{_report(result)}\nwritten to {out}")
+        print(_report(result))
+        try:
+            out.write_text(json.dumps(result, indent=1) + "\n")
+        except OSError as e:
+            print(f"error: cannot write {out}: {e.strerror or e}; choose another place with --json", file=sys.stderr)
+            return 1
+        print(f"written to {out}")
     return 0
 
 
