@@ -136,6 +136,7 @@ def cifar_checkpoint(tmp_path):
     cfg = load_config(None, TINY)
     path = tmp_path / "run" / "checkpoints" / "ckpt-000000007.pt"
     path.parent.mkdir(parents=True)
+    torch.manual_seed(0)
     model = build_model("resnet20", 3)
     with torch.no_grad():
         for m in model.modules():  # BN statistics other than the identity, so a wrong fold would show
@@ -174,7 +175,9 @@ def test_cifar_net_to_torchvision_is_refused(cifar_checkpoint, tmp_path, capsys)
 def test_cifar_net_exports_to_onnx(cifar_checkpoint, tmp_path):
     out = tmp_path / "r20.onnx"
     assert main([str(cifar_checkpoint), "--format", "onnx", "--out", str(out)]) == 0
-    assert json.loads(Path(f"{out}.json").read_text())["onnx"]["max_abs_diff_onnxruntime"] < 1e-4
+    onnx = json.loads(Path(f"{out}.json").read_text())["onnx"]
+    # Random BN statistics make large logits; float32 kernels that sum in another order differ relative to them.
+    assert onnx["max_abs_diff_onnxruntime"] < 1e-5 * onnx["max_abs_logit"]
 
 
 def test_keeping_the_trained_input_changes_nothing(cifar_checkpoint, tmp_path):
