@@ -15,6 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 from data.config import DataConfig
 from data.errors import ConfigError
 from trainer.checkpoint import CheckpointConfig
+from trainer.config_docs import describe
 from trainer.distributed import DistributedConfig
 from trainer.models import ModelConfig
 from trainer.monitor import MonitorConfig
@@ -207,16 +208,23 @@ def _check_numbers(values: dict) -> None:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m trainer.main", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m trainer.main", description=__doc__, epilog=describe(Config),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="YAML preset (configs/*.yaml); keys override the defaults")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the YAML, e.g. optim.lr=0.2")
     return parser.parse_args(argv)
 
 
-def load_config(config_file: Optional[Path], overrides: List[str]) -> Config:
-    """Defaults <- YAML <- overrides; any unknown key, wrong type or out-of-range value raises ConfigError."""
+def load_config(config_file: Optional[Path], overrides: List[str], base: Optional[dict] = None) -> Config:
+    """Defaults <- `base` (a recorded config, e.g. a checkpoint's) <- YAML <- overrides; any unknown key, wrong
+    type or out-of-range value raises ConfigError."""
     merged = OmegaConf.structured(Config)
+    if base is not None:
+        try:
+            merged = OmegaConf.merge(merged, base)
+        except OmegaConfBaseException as e:
+            raise _config_error(e, "the recorded config") from None
     if config_file is not None:
         if not config_file.is_file():
             raise ConfigError("--config", f"no such file: {config_file}")

@@ -83,6 +83,14 @@ def all_reduce_(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch
     return tensor
 
 
+def broadcast_buffers(module: torch.nn.Module, d: Dist) -> None:
+    """Gives every rank rank 0's buffers (BN statistics). DDP broadcasts them only at the start of a training
+    forward, so after a step each rank holds the statistics of its own batch, while checkpoints hold rank 0's."""
+    if d.world_size > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def any_rank(flag: bool, d: Dist) -> bool:
     """True on every rank when `flag` is true on any; a host-side collective that does not sync the GPU."""
     if d.world_size == 1:

@@ -445,7 +445,11 @@ class Trainer:
             "max_mem_mb": memory_mb, "nonfinite_steps": int(self.guard.total)})
 
     def validate(self) -> None:
-        """Evaluates the model (and its EMA) on the val split and logs the result."""
+        """Evaluates the model (and its EMA) on the val split and logs the result: the weights the checkpoint of
+        this step holds, on every rank (training continues from rank 0's BN statistics anyway)."""
+        distributed.broadcast_buffers(self.raw_model, self.dist)
+        if self.ema:
+            distributed.broadcast_buffers(self.ema.module, self.dist)
         epoch = self.step / self.steps_per_epoch
         metrics = evaluate(self.raw_model, self.val_loader, self.device, self.autocast)
         self.monitor.write("val", self.step, epoch, self.images_seen, metrics)
