@@ -1,5 +1,6 @@
 """The recipe's optimizer side: SGD or LARS with parameter groups, the linear scaling rule, warmup + decay, EMA of
 weights."""
+import copy
 import math
 import sys
 from dataclasses import dataclass, field
@@ -7,7 +8,6 @@ from typing import List, NamedTuple, Optional
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel
 
 from data.errors import ConfigError
 
@@ -237,18 +237,45 @@ def build_scheduler(optimizer, cfg: ScheduleConfig, steps_per_epoch: int, total_
         optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch, total_steps))
 
 
-def build_ema(model: nn.Module, decay: float, skipped: Optional[torch.Tensor] = None) -> AveragedModel:
-    """An exponential moving average of `model`'s weights and buffers; a step whose `skipped` (a 0-dim device
-    tensor, 1.0 for a skipped step) is set leaves it unchanged, without the host reading the flag."""
+class EMA(nn.Module):
+    """An exponential moving average of a model's weights and buffers (BN statistics too, so the average evaluates
+    without recalibration), laid out as torch's AveragedModel (`module.*` and `n_averaged`).
+
+    Unlike AveragedModel, an update never makes the host wait for the device: whether it is the first (which
+    copies) is known on the host, and a step the `skipped` flag (a 0-dim device tensor, 1.0 for a skipped step)
+    marks leaves the average unchanged through the weight of the blend, not through a branch.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, skipped: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.module = copy.deepcopy(model)
+        self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long, device=next(model.parameters()).device))
+        self.decay, self.skipped = decay, skipped
+        self._started = False
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
 
     @torch.no_grad()
-    def update(ema: list, current: list, _) -> None:
-        weight = 1 - decay if skipped is None else (1 - skipped) * (1 - decay)
-        if torch.is_floating_point(ema[0]):
-            torch._foreach_lerp_(ema, current, weight)
+    def update_parameters(self, model: nn.Module) -> None:
+        ours = [*self.module.parameters(), *self.module.buffers()]
+        theirs = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        if not self._started:
+            torch._foreach_copy_(ours, theirs)
+            self._started = True
         else:
-            for e, c in zip(ema, current):
-                e.copy_(e + (c - e) * weight)
+            weight = 1 - self.decay if self.skipped is None else (1 - self.skipped) * (1 - self.decay)
+            floats = [(e, c) for e, c in zip(ours, theirs) if e.is_floating_point()]
+            torch._foreach_lerp_([e for e, _ in floats], [c for _, c in floats], weight)
+            for e, c in zip(ours, theirs):
+                if not e.is_floating_point():  # BN's num_batches_tracked
+                    e.copy_(e + (c - e) * weight)
+        self.n_averaged += 1
 
-    # use_buffers: BN running statistics are averaged too, so the EMA model evaluates without recalibration.
-    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._started = bool(self.n_averaged > 0)  # once, on resume
+
+
+def build_ema(model: nn.Module, decay: float, skipped: Optional[torch.Tensor] = None) -> EMA:
+    return EMA(model, decay, skipped)
