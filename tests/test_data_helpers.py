@@ -1,4 +1,5 @@
 """Tiny generated ImageNet-style folders for the data tests (no test functions here)."""
+import io
 import os
 
 import numpy as np
@@ -52,3 +53,11 @@ def make_smooth(root: str, per_class: int = 3):
                 coarse = Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8))
                 write_image(os.path.join(root, split, name, f"s{i}.JPEG"),
                             np.asarray(coarse.resize((int(w), int(h)), Image.BICUBIC)))
+
+
+def encoded(mode: str = "RGB", image_format: str = "JPEG", seed: int = 0, size=(48, 64)) -> bytes:
+    """Random pixels converted to `mode` and encoded as `image_format`: noise, so that a cut lands in scan data."""
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(*size, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(out, image_format)
+    return out.getvalue()
