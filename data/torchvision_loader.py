@@ -5,12 +5,12 @@ processes' RNG streams, so the batches do not depend on the worker count and a r
 """
 import multiprocessing
 from functools import partial
-from typing import Iterator, List
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
 from data.base import Loader
@@ -48,7 +48,8 @@ class _Images(Dataset):
         if self.decoder == "pil":
             with open(self.paths[index], "rb") as f:
                 return Image.open(f).convert("RGB")
-        return decode_jpeg(read_file(self.paths[index]), mode=ImageReadMode.RGB)
+        # decode_image, not decode_jpeg: the loaders take PNG files too (ImageNet has one named .JPEG).
+        return decode_image(read_file(self.paths[index]), mode=ImageReadMode.RGB)
 
     def __getitem__(self, item):
         if isinstance(item, tuple):
@@ -91,6 +92,7 @@ class TorchvisionLoader(Loader):
                          world_size=world_size, seed=seed)
         self.cfg = cfg
         self.device = device
+        self._image_list = images
         paths, labels = images.paths(), images.labels
         train = split == "train"
         if train:
@@ -100,7 +102,7 @@ class TorchvisionLoader(Loader):
                                    seed=seed, drop_last=True), batch_size, seed, rank)
             sampler = self._sampler
         else:
-            sampler = list(val_shard(len(paths), rank, world_size))
+            sampler = list(self._order(None))
         workers = cfg.num_threads
         self._loader = DataLoader(
             _Images(paths, labels, _transforms(cfg, train), cfg.torchvision_decoder), batch_size=batch_size,
@@ -113,6 +115,13 @@ class TorchvisionLoader(Loader):
 
         self._to_device = partial(_to_device, device, dtype,
                                   torch.channels_last if channels_last else torch.contiguous_format)
+
+    def _order(self, epoch: Optional[int]) -> Sequence[int]:
+        if epoch is None:
+            return val_shard(self.num_samples, self.rank, self.world_size)
+        sampler = self._sampler.sampler
+        sampler.set_epoch(epoch)
+        return list(sampler)
 
     def _train_epoch(self, epoch: int, start: int) -> Iterator:
         self._sampler.epoch, self._sampler.start = epoch, start
