@@ -87,6 +87,16 @@ def test_training_on_a_bad_file_trains_or_names_it(kind, tmp_path):
     assert not checkpoints
 
 
+def test_the_rank_that_screens_a_bad_file_stops_every_rank(tmp_path):
+    """Each rank screens a share of the files; the trainer's agreement on build_loader's errors stops them all."""
+    root, run = tmp_path / "data", tmp_path / "run"
+    bad = dataset_with(root, "text")
+    result = run_trainer(2, *ARGS, f"data.root={root}", f"run.dir={run}")
+    assert result.returncode == 1
+    assert result.stderr.count(f"{bad}: not-an-image") == 2, result.stderr[-3000:]  # printed by both ranks
+    assert not list((run / "checkpoints").glob("ckpt-*"))
+
+
 # In process: where each kind is caught, on both file backends.
 
 def config(root, backend="dali", **overrides):
