@@ -122,8 +122,9 @@ def bad_files_error(what: str, bad: Sequence[BadFile], split_dir: str) -> DataEr
         lines.append(f"  ... and {len(bad) - NAMED_AT_MOST} more")
     root, split = os.path.split(os.path.normpath(split_dir))
     if split == "train":
-        advice = (f"`python -m data.verify {root} --fix --file-list train_files.txt` re-encodes the files that can "
-                  f"be and lists the usable train files; then train with data.file_list=train_files.txt")
+        listed = os.path.join(root, "train_files.txt")
+        advice = (f"`python -m data.verify {root} --fix --file-list {listed}` re-encodes the files that can be and "
+                  f"lists the usable train files; then train with data.file_list={listed}")
     else:
         advice = (f"`python -m data.verify {root} --fix` re-encodes the files that can be; move the others out of "
                   f"{split_dir} (data.file_list filters train files only)")

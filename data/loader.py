@@ -54,7 +54,7 @@ def _screen(images: ImageList, split: str, rank: int, world_size: int, verified:
     share = range(rank, len(images), world_size) if split == "train" else val_shard(len(images), rank, world_size)
     bad = screen([os.path.join(images.split_dir, images.files[i]) for i in share])
     if bad:
-        raise bad_files_error(f"{images.split_dir} holds {len(bad)} file(s) the loader cannot decode", bad,
+        raise bad_files_error(f"{images.split_dir} holds {len(bad)} file(s) the loader cannot use", bad,
                               images.split_dir)
 
 

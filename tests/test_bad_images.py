@@ -124,7 +124,7 @@ def test_a_truncated_jpeg_is_named_when_its_batch_fails(backend, split, tmp_path
     with pytest.raises(DataError, match=re.escape(f"{bad}: truncated")) as error:
         list(loader(tmp_path, split, backend))
     assert "nvImageCodec" not in str(error.value)
-    fix = "--fix --file-list train_files.txt" if split == "train" else "--fix`"
+    fix = f"--fix --file-list {tmp_path}/train_files.txt`" if split == "train" else "--fix`"
     assert f"python -m data.verify {tmp_path} {fix}" in str(error.value)
 
 

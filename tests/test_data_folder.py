@@ -103,6 +103,6 @@ def test_bad_files_error_names_at_most_ten_and_tells_what_to_run(tmp_path):
     bad = [(str(tmp_path / "train" / f"{i}.JPEG"), ZERO_BYTE, "") for i in range(12)]
     message = str(bad_files_error("12 bad", bad, str(tmp_path / "train")))
     assert message.count("zero-byte") == 10 and "... and 2 more" in message
-    assert f"python -m data.verify {tmp_path} --fix --file-list train_files.txt" in message
+    assert f"python -m data.verify {tmp_path} --fix --file-list {tmp_path}/train_files.txt`" in message
     message = str(bad_files_error("1 bad", bad[:1], str(tmp_path / "val")))
     assert f"python -m data.verify {tmp_path} --fix`" in message and f"move the others out of {tmp_path}/val" in message
