@@ -2,6 +2,7 @@
 
     python -m bench.loader --make-images DIR --count 2000     # ImageNet-like JPEGs (about 500x375, quality 90)
     python -m bench.loader --root DIR [--json OUT] [--batches N] [--set prefetch=3 ...]
+    python -m bench.loader --root DIR --screen [--cold]           # start-up cost: listing and screening train
 
 Each backend runs in its own subprocess (clean memory, its own worker processes), measured after one warm-up
 batch. The ceiling is the single-core full-decode rate (the faster of PIL and torchvision.io.decode_jpeg)
@@ -84,6 +85,28 @@ def decode_ceiling(root: str, threads: int, sample: int = 200) -> dict:
     return {"single_core": rates, "threads": threads, "img_per_s": best * threads}
 
 
+def screen_rate(root: str, cold: bool) -> dict:
+    """Files/s of listing the train split and of build_loader's screen of its files. `cold` first drops the files'
+    pages from the page cache (fdatasync + posix_fadvise: directory entries and inodes stay cached)."""
+    from data.folder import list_split
+    from data.image_files import screen
+
+    start = time.perf_counter()
+    paths = list_split(root, "train").paths()
+    listing = time.perf_counter() - start
+    if cold:
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY)
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+    start = time.perf_counter()
+    bad = screen(paths)
+    screening = time.perf_counter() - start
+    return {"files": len(paths), "listing_files_per_s": len(paths) / listing,
+            "screen_files_per_s": len(paths) / screening, "bad": len(bad), "cold": cold}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.loader", description=__doc__.splitlines()[0])
     parser.add_argument("--root", help="dataset root with train/ and val/")
@@ -95,6 +118,8 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="DataConfig overrides")
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--screen", action="store_true", help="measure listing and screening the train files")
+    parser.add_argument("--cold", action="store_true", help="--screen with the files' pages dropped from the cache")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # the subprocess' own variant
     args = parser.parse_args(argv)
 
@@ -106,6 +131,12 @@ def main(argv=None):
         parser.error("--root (or --make-images) is required")
     if args.variant:
         print(json.dumps(_measure(args)))
+        return
+    if args.screen:
+        r = screen_rate(args.root, args.cold)
+        print(f"{r['files']} train files: listing {r['listing_files_per_s']:,.0f} files/s, screen "
+              f"{r['screen_files_per_s']:,.0f} files/s ({1000 / r['screen_files_per_s'] * 1000:.1f} ms per 1000 files"
+              f"{', file data not cached' if args.cold else ''}); {r['bad']} bad")
         return
 
     results = {}

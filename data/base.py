@@ -1,7 +1,10 @@
 """The Loader contract every backend fulfils (len, iter, state) and the epoch bookkeeping they share."""
-from typing import Any, Dict, Iterator, List, Optional
+import os
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from data.errors import DataError
+from data.folder import ImageList
+from data.image_files import bad_files_error, undecodable
 from data.sharding import train_batches, val_shard
 
 # 2: train batches interleave ranks over the epoch's permutation (data/sharding.py), and the state holds the
@@ -21,9 +24,15 @@ class Loader:
     The train iterator is kept between iter() calls, so it must not refer back to the loader: in a reference
     cycle an abandoned DataLoader iterator is only freed by the garbage collector, whose finalization order made
     shutting its workers down take seconds per worker.
+
+    A backend that reads files sets `_image_list` and implements `_order`: when fetching a batch fails, the loader
+    checks the files of that batch (and of the `_decoded_ahead` batches after it) and raises a DataError naming the
+    bad ones.
     """
 
     backend = ""
+    _image_list: Optional[ImageList] = None
+    _decoded_ahead = 0
 
     def __init__(self, classes: List[str], split: str, num_samples: int, *, batch_size: int, rank: int,
                  world_size: int, seed: int):
@@ -54,18 +63,52 @@ class Loader:
 
     def __iter__(self):
         if self.split != "train":
-            yield from self._val_epoch()
+            yield from self._val_batches()
             return
         if self._done == len(self):
             self._next_epoch()
-        if self._source is None:
-            self._source = self._train_epoch(self._epoch, self._done)
-        while self._done < len(self):
-            batch = next(self._source)
-            # Counted before the yield: a state_dict() taken while the trainer holds this batch resumes after it.
-            self._done += 1
-            yield batch
+        try:
+            # Building the source can decode already: DALI's iterator fetches its first batch when made.
+            if self._source is None:
+                self._source = self._train_epoch(self._epoch, self._done)
+            while self._done < len(self):
+                batch = next(self._source)
+                # Counted before the yield: a state_dict() taken while the trainer holds this batch resumes after it.
+                self._done += 1
+                yield batch
+        except Exception as error:
+            self._raise_for_bad_files(error, self._epoch, self._done)
+            raise
         self._next_epoch()
+
+    def _val_batches(self):
+        position = 0
+        try:
+            for batch in self._val_epoch():
+                yield batch
+                position += 1
+        except Exception as error:
+            self._raise_for_bad_files(error, None, position)
+            raise
+
+    def _raise_for_bad_files(self, error: Exception, epoch: Optional[int], position: int):
+        """Raises a DataError naming the bad files of batch `position` (or of the batches decoded ahead of it) when
+        the failure to fetch it may come from one; returns if none is found, and the failure stands."""
+        images = self._image_list
+        if images is None or isinstance(error, (DataError, StopIteration)):
+            return
+        order = self._order(epoch)
+        for batch in range(position, position + 1 + self._decoded_ahead):
+            indices = order[batch * self.batch_size:(batch + 1) * self.batch_size]
+            bad = undecodable([os.path.join(images.split_dir, images.files[i]) for i in indices], str(error))
+            if bad:
+                where = f"epoch {epoch}" if epoch is not None else "the validation pass"
+                raise bad_files_error(f"decoding {self.split} batch {batch} of {where} failed on", bad,
+                                      images.split_dir) from error
+
+    def _order(self, epoch: Optional[int]) -> Sequence[int]:
+        """This rank's file indices in reading order, for train epoch `epoch`, or for validation (None)."""
+        raise NotImplementedError
 
     def _next_epoch(self):
         self._epoch += 1

@@ -8,7 +8,7 @@ pipeline over its slices of the rest of the epoch, seeded from (seed, rank, epoc
 """
 import base64
 from functools import partial
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, Optional, Sequence
 
 import torch
 from nvidia.dali import fn, math, pipeline_def, types
@@ -86,8 +86,12 @@ class DaliLoader(Loader):
         self.device = device
         self.channels_last, self.dtype = channels_last, dtype
         self._to_torch = partial(_to_torch, channels_last, dtype)
+        self._image_list = images
         self._paths = images.paths()
         self._labels = images.labels
+        # DALI raised a decoding error with the batch that holds the file in the tests (CPU); the batches it
+        # prefetches are checked too, in case another executor reports it earlier.
+        self._decoded_ahead = cfg.prefetch
         self._gpu = device.type == "cuda"
         self._device_id = (device.index if device.index is not None else torch.cuda.current_device()) \
             if self._gpu else None
@@ -107,6 +111,11 @@ class DaliLoader(Loader):
         policy = LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL
         return DALIGenericIterator([pipe], ["images", "labels"], reader_name=READER, last_batch_policy=policy)
 
+    def _order(self, epoch: Optional[int]) -> Sequence[int]:
+        if epoch is None:
+            return val_shard(self.num_samples, self.rank, self.world_size)
+        return train_shard(self.num_samples, self.batch_size, self.rank, self.world_size, self.seed, epoch)
+
     def _train_epoch(self, epoch: int, start: int) -> Iterator:
         checkpoint, self._restore = self._restore, None
         # A checkpointed pipeline is rebuilt over the files it had; otherwise a new one begins at `start`.
@@ -122,7 +131,7 @@ class DaliLoader(Loader):
         self._iterator = None
 
     def _val_epoch(self) -> Iterator:
-        indices = val_shard(self.num_samples, self.rank, self.world_size)
+        indices = self._order(None)
         if not indices:
             return
         yield from map(self._to_torch, self._build(indices, derive_seed(self.seed, self.rank), False))

@@ -32,9 +32,16 @@ def _class_folders(split_dir: str) -> List[str]:
         return sorted(e.name for e in entries if e.is_dir())
 
 
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:  # a symlink loop: listed, so that the loader's screen names it instead of the listing failing
+        return True
+
+
 def _images(class_dir: str) -> List[str]:
     with os.scandir(class_dir) as entries:
-        return sorted(e.name for e in entries if e.name.lower().endswith(IMAGE_SUFFIXES) and e.is_file())
+        return sorted(e.name for e in entries if e.name.lower().endswith(IMAGE_SUFFIXES) and _is_file(e))
 
 
 def _read_file_list(path: str) -> List[str]:

@@ -3,13 +3,16 @@
 A Loader (data/base.py) has `classes`, `__len__` (batches per epoch), `__iter__` (the rest of the current
 epoch, as (images, labels) on the device) and, for train, `state_dict()`/`load_state_dict()`.
 """
+import os
 from typing import Any, Dict, List
 
 import torch
 
 from data.base import Loader
 from data.config import DataConfig
-from data.folder import list_split
+from data.folder import ImageList, list_split
+from data.image_files import bad_files_error, screen
+from data.sharding import val_shard
 
 OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -30,11 +33,29 @@ def build_loader(cfg: DataConfig, split: str, *, batch_size: int, rank: int, wor
         from data.synthetic import SyntheticLoader
         return SyntheticLoader(cfg, split, **placement)
     images = list_split(cfg.root, split, cfg.file_list)
+    _screen(images, split, rank, world_size, verified=split == "train" and cfg.file_list is not None)
     if cfg.backend == "torchvision":
         from data.torchvision_loader import TorchvisionLoader
         return TorchvisionLoader(cfg, split, images, **placement)
     from data.dali import DaliLoader
     return DaliLoader(cfg, split, images, **placement)
+
+
+def _screen(images: ImageList, split: str, rank: int, world_size: int, verified: bool):
+    """Raises a DataError naming the files the decoders must never see (not a JPEG or PNG, empty, unreadable).
+
+    Each rank screens a share (every world_size-th train file, its own val slice), so a bad file fails one rank's
+    build_loader: callers share the error between ranks (the trainer's `agree` does). The files of data.file_list
+    passed data.verify's full check, and are not read again; a file truncated since then still fails on decoding,
+    and the loader names it then.
+    """
+    if verified:
+        return
+    share = range(rank, len(images), world_size) if split == "train" else val_shard(len(images), rank, world_size)
+    bad = screen([os.path.join(images.split_dir, images.files[i]) for i in share])
+    if bad:
+        raise bad_files_error(f"{images.split_dir} holds {len(bad)} file(s) the loader cannot use", bad,
+                              images.split_dir)
 
 
 def merge_states(states: List[Dict[str, Any]]) -> Dict[str, Any]:

@@ -6,18 +6,18 @@ repeats them, and a sample draws the same augmentation whichever rank reads it.
 """
 import multiprocessing
 from functools import partial
-from typing import Iterator, List
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
 from data.base import Loader
 from data.config import DataConfig
 from data.folder import ImageList
-from data.sharding import derive_seed, epoch_permutation, train_positions, val_shard
+from data.sharding import derive_seed, epoch_permutation, train_positions, train_shard, val_shard
 
 # Workers start from a forkserver (see the DataLoader below); preloading this module there makes each worker a
 # cheap fork of a process that has already imported torch and torchvision, instead of a fresh interpreter.
@@ -49,7 +49,8 @@ class _Images(Dataset):
         if self.decoder == "pil":
             with open(self.paths[index], "rb") as f:
                 return Image.open(f).convert("RGB")
-        return decode_jpeg(read_file(self.paths[index]), mode=ImageReadMode.RGB)
+        # decode_image, not decode_jpeg: the loaders take PNG files too (ImageNet has one named .JPEG).
+        return decode_image(read_file(self.paths[index]), mode=ImageReadMode.RGB)
 
     def __getitem__(self, item):
         if isinstance(item, tuple):
@@ -92,13 +93,14 @@ class TorchvisionLoader(Loader):
                          world_size=world_size, seed=seed)
         self.cfg = cfg
         self.device = device
+        self._image_list = images
         paths, labels = images.paths(), images.labels
         train = split == "train"
         if train:
             self._sampler = _ResumableSampler(len(paths), batch_size, rank, world_size, seed)
             sampler = self._sampler
         else:
-            sampler = list(val_shard(len(paths), rank, world_size))
+            sampler = list(self._order(None))
         workers = cfg.num_threads
         self._loader = DataLoader(
             _Images(paths, labels, _transforms(cfg, train), cfg.torchvision_decoder), batch_size=batch_size,
@@ -111,6 +113,11 @@ class TorchvisionLoader(Loader):
 
         self._to_device = partial(_to_device, device, dtype,
                                   torch.channels_last if channels_last else torch.contiguous_format)
+
+    def _order(self, epoch: Optional[int]) -> Sequence[int]:
+        if epoch is None:
+            return val_shard(self.num_samples, self.rank, self.world_size)
+        return train_shard(self.num_samples, self.batch_size, self.rank, self.world_size, self.seed, epoch)
 
     def _train_epoch(self, epoch: int, start: int) -> Iterator:
         self._sampler.epoch, self._sampler.start = epoch, start

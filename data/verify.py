@@ -1,7 +1,6 @@
 """Find the files of an ImageNet-layout dataset that are not decodable RGB JPEGs, and optionally fix them.
 
-ImageNet itself ships a PNG named .JPEG, CMYK and grayscale JPEGs; copies get truncated or zeroed. Decoders differ
-in what they forgive (nvJPEG and DALI are stricter than PIL), so each file must be a complete baseline RGB JPEG.
+What counts as a problem is data/image_files.py's check_file, the check the loaders fall back on too.
 """
 import argparse
 import multiprocessing
@@ -11,17 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
+
+from data.image_files import OK, UNFIXABLE, check_file
 
 SPLITS = ("train", "val")
 BACKUP_SUFFIX = ".orig"
-OK = "ok"
-# Problems no re-encoding can repair: the pixels are gone.
-ZERO_BYTE, NOT_AN_IMAGE, TRUNCATED, CORRUPT = "zero-byte", "not-an-image", "truncated", "corrupt"
-UNFIXABLE = (ZERO_BYTE, NOT_AN_IMAGE, TRUNCATED, CORRUPT)
-# Decodable, but not an RGB JPEG: re-encoding repairs them.
-NOT_JPEG, CMYK, GRAYSCALE, OTHER_MODE = "not-jpeg", "cmyk", "grayscale", "other-mode"
 FIXED_JPEG_QUALITY = 95
 
 
@@ -30,48 +25,13 @@ class FileCheck:
     path: str
     """Relative to the dataset root, e.g. train/n01440764/n01440764_10026.JPEG."""
     kind: str
-    """OK or one of the problem kinds above."""
+    """OK or one of the problem kinds of data/image_files.py."""
     detail: str = ""
     """What was seen: the real format, the colour mode, the decoder's message."""
 
     @property
     def fixable(self) -> bool:
         return self.kind not in UNFIXABLE and self.kind != OK
-
-
-def _jpeg_has_eoi(data: bytes) -> bool:
-    # PIL decodes a JPEG cut just before its end-of-image marker without complaint; nvJPEG does not. Markers cannot
-    # occur inside entropy-coded data (0xFF is byte-stuffed), so a complete file has an EOI after its last
-    # start-of-scan; an EXIF thumbnail's own EOI comes before the main scans, and trailing bytes after EOI are harmless.
-    return data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda") >= 0
-
-
-def check_file(path: Path) -> Tuple[str, str]:
-    """The problem kind of one file (OK if none) and a detail for the report."""
-    data = path.read_bytes()
-    if not data:
-        return ZERO_BYTE, ""
-    try:
-        with Image.open(path) as image:
-            image_format, mode = image.format, image.mode
-            image.load()
-    except UnidentifiedImageError:
-        return NOT_AN_IMAGE, ""
-    except OSError as error:
-        return (TRUNCATED if "truncated" in str(error).lower() else CORRUPT), str(error)
-    except (ValueError, SyntaxError) as error:
-        return CORRUPT, str(error)
-    if image_format != "JPEG":
-        return NOT_JPEG, f"{image_format} {mode}"
-    if not _jpeg_has_eoi(data):
-        return TRUNCATED, "no end-of-image marker after the last scan"
-    if mode == "CMYK":
-        return CMYK, ""
-    if mode == "L":
-        return GRAYSCALE, ""
-    if mode != "RGB":
-        return OTHER_MODE, mode
-    return OK, ""
 
 
 def _check(args: Tuple[Path, str]) -> FileCheck:

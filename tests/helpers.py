@@ -2,6 +2,7 @@
 
 The fixtures built on these are in conftest.py.
 """
+import io
 import os
 import socket
 import subprocess
@@ -67,6 +68,14 @@ def make_smooth(root: str, per_class: int = 3):
                 coarse = Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8))
                 write_image(os.path.join(root, split, name, f"s{i}.JPEG"),
                             np.asarray(coarse.resize((int(w), int(h)), Image.BICUBIC)))
+
+
+def encoded(mode: str = "RGB", image_format: str = "JPEG", seed: int = 0, size=(48, 64)) -> bytes:
+    """Random pixels converted to `mode` and encoded as `image_format`: noise, so that a cut lands in scan data."""
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(*size, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(out, image_format)
+    return out.getvalue()
 
 
 # Small enough to train in seconds on 2 cores; same generator as the real demo.

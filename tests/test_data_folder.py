@@ -1,11 +1,13 @@
-"""The folder layout: class order, suffixes, file lists, and errors that name the path at fault."""
+"""The folder layout (class order, suffixes, file lists, errors that name the path at fault) and the screen of
+its files."""
 import os
 
 import pytest
 
 from data.errors import DataError
 from data.folder import list_split
-from tests.helpers import CLASSES, make_coded
+from data.image_files import NOT_AN_IMAGE, NOT_JPEG, SCREEN_CHUNK, UNREADABLE, ZERO_BYTE, bad_files_error, screen
+from tests.helpers import CLASSES, encoded, make_coded
 
 
 @pytest.fixture
@@ -66,3 +68,41 @@ def test_train_and_val_class_sets_must_match(root):
     for split in ("train", "val"):
         with pytest.raises(DataError, match=r"class folders differ .*n99"):
             list_split(root, split)
+
+
+def test_a_symlink_loop_is_listed_for_the_screen_to_name(root):
+    os.symlink("loop.JPEG", os.path.join(root, "train", "n01", "loop.JPEG"))
+    assert "n01/loop.JPEG" in list_split(root, "train").files
+
+
+def test_screen_names_every_file_that_does_not_start_like_a_jpeg_or_png(tmp_path):
+    complete = encoded()
+    files = {"good.JPEG": complete, "png.JPEG": encoded(image_format="PNG"), "cmyk.JPEG": encoded("CMYK"),
+             "gray.JPEG": encoded("L"), "cut.JPEG": complete[:len(complete) // 2],  # the decoder finds this one
+             "zero.JPEG": b"", "text.JPEG": b"hello", "gif.JPEG": encoded(image_format="GIF")}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "loop.JPEG").symlink_to("loop.JPEG")
+    (tmp_path / "folder.JPEG").mkdir()
+    bad = screen(sorted(str(p) for p in tmp_path.iterdir()))
+    assert {os.path.basename(path): kind for path, kind, _ in bad} == {
+        "zero.JPEG": ZERO_BYTE, "text.JPEG": NOT_AN_IMAGE, "gif.JPEG": NOT_JPEG, "loop.JPEG": UNREADABLE,
+        "folder.JPEG": UNREADABLE}
+    assert dict((os.path.basename(p), d) for p, _, d in bad)["text.JPEG"] == "it starts with b'hello'"
+
+
+def test_screen_keeps_the_order_across_chunks(tmp_path):
+    paths = []
+    for i in range(3 * SCREEN_CHUNK + 5):
+        paths.append(str(tmp_path / f"{i:04d}.JPEG"))
+        (tmp_path / f"{i:04d}.JPEG").write_bytes(b"" if i % SCREEN_CHUNK == 7 else b"\xff\xd8\xff\xe0")
+    assert [p for p, _, _ in screen(paths)] == [paths[i] for i in (7, SCREEN_CHUNK + 7, 2 * SCREEN_CHUNK + 7)]
+
+
+def test_bad_files_error_names_at_most_ten_and_tells_what_to_run(tmp_path):
+    bad = [(str(tmp_path / "train" / f"{i}.JPEG"), ZERO_BYTE, "") for i in range(12)]
+    message = str(bad_files_error("12 bad", bad, str(tmp_path / "train")))
+    assert message.count("zero-byte") == 10 and "... and 2 more" in message
+    assert f"python -m data.verify {tmp_path} --fix --file-list {tmp_path}/train_files.txt`" in message
+    message = str(bad_files_error("1 bad", bad[:1], str(tmp_path / "val")))
+    assert f"python -m data.verify {tmp_path} --fix`" in message and f"move the others out of {tmp_path}/val" in message

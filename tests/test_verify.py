@@ -7,18 +7,8 @@ import torch
 from PIL import Image
 from torchvision.io import decode_jpeg
 
-from data.verify import (
-    BACKUP_SUFFIX,
-    CMYK,
-    GRAYSCALE,
-    NOT_AN_IMAGE,
-    NOT_JPEG,
-    OK,
-    TRUNCATED,
-    ZERO_BYTE,
-    main,
-    scan,
-)
+from data.image_files import CMYK, GRAYSCALE, NOT_AN_IMAGE, NOT_JPEG, OK, TRUNCATED, ZERO_BYTE
+from data.verify import BACKUP_SUFFIX, main, scan
 
 
 def _encode(mode: str, image_format: str = "JPEG", seed: int = 0) -> bytes:
@@ -119,3 +109,9 @@ def test_cli(tmp_path, capsys):
     assert exit_info.value.code == 0
     assert main([str(tmp_path / "missing")]) == 2
     assert "neither train/ nor val/" in capsys.readouterr().err
+
+
+def test_a_file_that_cannot_be_opened_is_reported_not_a_crash(dataset, capsys):
+    (dataset / "train/n01/loop.JPEG").symlink_to("loop.JPEG")
+    assert main([str(dataset), "--workers", "1"]) == 1
+    assert "unreadable\ttrain/n01/loop.JPEG\tToo many levels of symbolic links" in capsys.readouterr().out
