@@ -266,8 +266,9 @@ def make_demo_dataset(out: Path, params: DemoParams, workers: int = 2) -> Path:
                 tasks += [(out, params.seed, split, class_index, i) for i in range(per_class)]
         bar = tqdm(total=len(tasks), desc=f"demo dataset -> {out}", unit="img", disable=not sys.stderr.isatty())
         if workers > 1:
-            # fork: the children need nothing but this module, and fork does not re-import the caller's __main__.
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
+            # spawn, not fork: a child forked from a process whose other threads (DALI's, torch's, a trainer's) held
+            # a lock at that moment can hang on it; the children need nothing but this module.
+            with multiprocessing.get_context("spawn").Pool(workers) as pool:
                 for _ in pool.imap_unordered(_write_image, tasks, chunksize=16):
                     bar.update()
         else:
