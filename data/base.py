@@ -2,7 +2,7 @@
 import os
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
-from data.errors import DataError
+from data.errors import DataError, SplitTooSmall
 from data.folder import ImageList
 from data.image_files import bad_files_error, undecodable
 from data.sharding import train_batches, val_shard
@@ -48,7 +48,7 @@ class Loader:
         self.world_size = world_size
         self.seed = seed
         if split == "train" and len(self) == 0:
-            raise DataError(
+            raise SplitTooSmall(
                 f"train split has {num_samples} images, fewer than one batch per rank "
                 f"({world_size} ranks x batch size {batch_size})"
             )

@@ -18,3 +18,7 @@ class ConfigError(ValueError):
 
 class DataError(RuntimeError):
     """A dataset the loader cannot use: missing, empty, mismatched classes, or an undecodable file."""
+
+
+class SplitTooSmall(DataError):
+    """The train split holds fewer images than one batch on every rank: a batch size the data cannot fill."""

@@ -130,6 +130,12 @@ def test_a_train_split_smaller_than_a_global_batch_is_named(tmp_path):
         make_trainer(tmp_path, "train.grad_accum=16")
 
 
+def test_a_batch_larger_than_the_train_split_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="fewer than one batch per rank .*lower train.batch_size") as e:
+        make_trainer(tmp_path, "train.batch_size=128")  # 64 samples
+    assert e.value.key == "train.batch_size"
+
+
 def test_a_global_batch_beyond_the_optimizer_s_known_limit_is_warned_once(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(optim.GLOBAL_BATCH_LIMITS, "sgd", optim.GLOBAL_BATCH_LIMITS["sgd"]._replace(images=4))
     make_trainer(tmp_path).close()

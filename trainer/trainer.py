@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from data.config import preprocessing
-from data.errors import ConfigError
+from data.errors import ConfigError, SplitTooSmall
 from data.loader import build_loader, merge_states
 from data.sharding import derive_seed
 from trainer import distributed, resume_split
@@ -154,8 +154,14 @@ class Trainer:
         cfg, d = self.cfg, self.dist
         options = dict(batch_size=cfg.train.batch_size, rank=d.rank, world_size=d.world_size, device=self.device,
                        seed=cfg.seed, channels_last=cfg.train.channels_last, dtype=INPUT_DTYPE[cfg.train.precision])
-        return (self._agree(lambda: build_loader(cfg.data, "train", **options)),
+        return (self._agree(lambda: self._train_loader(options)),
                 self._agree(lambda: build_loader(cfg.data, "val", **options)))
+
+    def _train_loader(self, options: dict):
+        try:
+            return build_loader(self.cfg.data, "train", **options)
+        except SplitTooSmall as e:  # the data is fine; the batch size is what cannot be
+            raise ConfigError("train.batch_size", f"{e}; lower train.batch_size") from None
 
     def _size_schedule(self) -> None:
         train, world_size = self.cfg.train, self.dist.world_size
