@@ -15,8 +15,7 @@ from data.errors import DataError
 from data.folder import list_split
 from data.loader import build_loader
 from data.sharding import train_shard
-from tests.conftest import run_trainer
-from tests.helpers import encoded, make_coded
+from tests.helpers import encoded, make_coded, run_trainer
 
 CPU = torch.device("cpu")
 
