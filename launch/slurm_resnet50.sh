@@ -77,6 +77,21 @@ if [[ -n ${NUMA_BINDING:-} ]]; then
     torchrun_args+=(--numa-binding="$NUMA_BINDING")
 fi
 
+# The exit status of background process $1. A trapped signal interrupts `wait` with 128+n while the process still
+# runs: keep waiting for its real exit status.
+# shellcheck disable=SC2317  # also reached through srun's bash -c
+wait_exit() {
+    local status
+    while true; do
+        status=0
+        wait "$1" || status=$?
+        if ((status > 128)) && kill -0 "$1" 2>/dev/null; then
+            continue
+        fi
+        return "$status"
+    done
+}
+
 # The one srun task on each node (it runs through `bash -c` with this function's text): starts torchrun with
 # per-rank logs under the run directory, and ends with one line saying how the node's part ended.
 # shellcheck disable=SC2317  # reached through srun's bash -c and traps, which shellcheck does not follow
@@ -108,16 +123,8 @@ except SignalException as e:
     # The agent has no USR1 handler, and USR1's default action would kill it and take the workers down before
     # they save; an ignored signal stays ignored across exec, while the workers install their own handler.
     (trap '' USR1 && exec python3 -c "$launcher" --log-dir="$log_dir" "$@") &
-    local pid=$! status
-    # A trapped signal interrupts `wait` with 128+n while torchrun still runs; keep waiting for its exit status.
-    while true; do
-        status=0
-        wait "$pid" || status=$?
-        if ((status > 128)) && kill -0 "$pid" 2>/dev/null; then
-            continue
-        fi
-        break
-    done
+    local pid=$! status=0
+    wait_exit "$pid" || status=$?
     trap - USR1 TERM
 
     local now
@@ -150,7 +157,7 @@ latest() {
 echo "attempt $((${SLURM_RESTART_COUNT:-0} + 1)) of job $job: $SLURM_NNODES nodes x $nproc workers," \
      "rendezvous $head_addr:${MASTER_PORT:-29500}, run dir $run_dir"
 
-srun "${srun_args[@]}" bash -c "$(declare -f node_main latest); node_main \"\$@\"" node_main "$run_dir" \
+srun "${srun_args[@]}" bash -c "$(declare -f node_main latest wait_exit); node_main \"\$@\"" node_main "$run_dir" \
     "${torchrun_args[@]}" -m trainer.main --config "$config" run.dir="$run_dir" "$@" &
 srun_pid=$!
 
@@ -165,15 +172,8 @@ forward() {
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
-# A trapped signal interrupts `wait` with 128+n while srun still runs; keep waiting for its real exit status.
-while true; do
-    status=0
-    wait "$srun_pid" || status=$?
-    if ((status > 128)) && kill -0 "$srun_pid" 2>/dev/null; then
-        continue
-    fi
-    break
-done
+status=0
+wait_exit "$srun_pid" || status=$?
 trap - USR1 TERM
 
 # The trainer exits 0 after a USR1-triggered checkpoint; SIGTERM (scancel) means stop for good, so no requeue.

@@ -170,22 +170,22 @@ def free_port():
         return s.getsockname()[1]
 
 
-def worker_pids(agent_pid):
-    """{RANK: pid} of the workers a torchrun agent started (its direct children that carry a RANK)."""
-    workers = {}
+def processes():
+    """(pid, parent pid, environment) of every process this user can read, skipping those that end meanwhile."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if ppid != agent_pid:
-                continue
-            env = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0") if "=" in item)
-        except (FileNotFoundError, ProcessLookupError, IndexError):
+            environ = (proc / "environ").read_bytes().decode(errors="replace")
+        except (OSError, IndexError):
             continue
-        if "RANK" in env:
-            workers[int(env["RANK"])] = int(proc.name)
-    return workers
+        yield int(proc.name), ppid, dict(item.split("=", 1) for item in environ.split("\0") if "=" in item)
+
+
+def worker_pids(agent_pid):
+    """{RANK: pid} of the workers a torchrun agent started (its direct children that carry a RANK)."""
+    return {int(env["RANK"]): pid for pid, ppid, env in processes() if ppid == agent_pid and "RANK" in env}
 
 
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}

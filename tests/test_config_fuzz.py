@@ -20,49 +20,50 @@ BASE = ["model.name=resnet20", "data.backend=synthetic", "data.num_classes=2", "
         "data.image_size=32", "data.val_resize=32", "train.batch_size=2", "train.precision=fp32", "train.epochs=1",
         "train.max_steps=1", "monitor.wandb=false", "monitor.progress=false"]
 # Paths in overrides are relative to the test's tmp_path: {tmp} is replaced.
-BAD_OVERRIDES = [
-    (["seed=-1"], "seed"),
-    (["seed=100000000000000000000000"], "seed"),
-    (["seed=4294967296"], "seed"),
-    (["schedule.warmup_epochs=inf"], "schedule.warmup_epochs"),
-    (["schedule.warmup_epochs=nan"], "schedule.warmup_epochs"),
-    (["schedule.warmup_epochs=-inf"], "schedule.warmup_epochs"),
-    (["schedule.milestones=[30,100000000000000000000]"], "schedule.milestones[1]"),
-    (["train.threads=100000000000"], "train.threads"),
-    (["train.threads=1025"], "train.threads"),
-    (["data.num_threads=100000000000"], "data.num_threads"),
-    (["data.prefetch=1000000000"], "data.prefetch"),
-    (["data.image_size=100000", "data.val_resize=100000"], "data.image_size"),
-    (["data.val_resize=100000"], "data.val_resize"),
-    (["data.mean=[nan,116.78,103.94]"], "data.mean[0]"),
-    (["data.std=[58.4,57.1,inf]"], "data.std[2]"),
-    (["data.crop_aspect=[0.75,inf]"], "data.crop_aspect[1]"),
-    (["data.hw_decoder_load=nan"], "data.hw_decoder_load"),
-    (["data.num_classes=1000000000000"], "data.num_classes"),
-    (["model.num_classes=1000000000000"], "model.num_classes"),
-    (["distributed.timeout_s=inf"], "distributed.timeout_s"),
-    (["distributed.timeout_s=nan"], "distributed.timeout_s"),
-    (["distributed.timeout_s=86401"], "distributed.timeout_s"),
-    (["distributed.init_timeout_s=inf"], "distributed.init_timeout_s"),
-    (["optim.lr=inf"], "optim.lr"),
-    (["optim.lr=nan"], "optim.lr"),
-    (["optim.weight_decay=nan"], "optim.weight_decay"),
-    (["optim.weight_decay=inf"], "optim.weight_decay"),
-    (["optim.momentum=nan"], "optim.momentum"),
-    (["train.label_smoothing=nan"], "train.label_smoothing"),
-    (["train.batch_size=65537"], "train.batch_size"),
-    (["train.batch_size=1000000000"], "train.batch_size"),
-    (["train.epochs=100000000000000000000"], "train.epochs"),
-    (["checkpoint.every_steps=100000000000000000000"], "checkpoint.every_steps"),
-    (["data.backend=dali", "data.root={tmp}/no/such/dataset"], "data.root"),
-    (["data.backend=dali", "data.root={tmp}/a_file"], "data.root"),
-    (["data.backend=torchvision", "data.root={tmp}/a_file"], "data.root"),
-    (["run.dir={tmp}/a_file"], "run.dir"),
-    (["run.dir={tmp}/a_file/run"], "run.dir"),
-    (["run.dir=${oc.env:CONFIG_FUZZ_NOT_SET}"], "run.dir"),
-    (["monitor.tags=[a,[b]]"], "monitor.tags[1]"),
-    (["train=5"], "train"),
-]
+# Each row: the overrides (space-separated) and the key the message must name.
+BAD_OVERRIDES = [row.rsplit(maxsplit=1) for row in """
+seed=-1                                            seed
+seed=100000000000000000000000                      seed
+seed=4294967296                                    seed
+schedule.warmup_epochs=inf                         schedule.warmup_epochs
+schedule.warmup_epochs=nan                         schedule.warmup_epochs
+schedule.warmup_epochs=-inf                        schedule.warmup_epochs
+schedule.milestones=[30,100000000000000000000]     schedule.milestones[1]
+train.threads=100000000000                         train.threads
+train.threads=1025                                 train.threads
+data.num_threads=100000000000                      data.num_threads
+data.prefetch=1000000000                           data.prefetch
+data.image_size=100000 data.val_resize=100000      data.image_size
+data.val_resize=100000                             data.val_resize
+data.mean=[nan,116.78,103.94]                      data.mean[0]
+data.std=[58.4,57.1,inf]                           data.std[2]
+data.crop_aspect=[0.75,inf]                        data.crop_aspect[1]
+data.hw_decoder_load=nan                           data.hw_decoder_load
+data.num_classes=1000000000000                     data.num_classes
+model.num_classes=1000000000000                    model.num_classes
+distributed.timeout_s=inf                          distributed.timeout_s
+distributed.timeout_s=nan                          distributed.timeout_s
+distributed.timeout_s=86401                        distributed.timeout_s
+distributed.init_timeout_s=inf                     distributed.init_timeout_s
+optim.lr=inf                                       optim.lr
+optim.lr=nan                                       optim.lr
+optim.weight_decay=nan                             optim.weight_decay
+optim.weight_decay=inf                             optim.weight_decay
+optim.momentum=nan                                 optim.momentum
+train.label_smoothing=nan                          train.label_smoothing
+train.batch_size=65537                             train.batch_size
+train.batch_size=1000000000                        train.batch_size
+train.epochs=100000000000000000000                 train.epochs
+checkpoint.every_steps=100000000000000000000       checkpoint.every_steps
+data.backend=dali data.root={tmp}/no/such/dataset  data.root
+data.backend=dali data.root={tmp}/a_file           data.root
+data.backend=torchvision data.root={tmp}/a_file    data.root
+run.dir={tmp}/a_file                               run.dir
+run.dir={tmp}/a_file/run                           run.dir
+run.dir=${oc.env:CONFIG_FUZZ_NOT_SET}              run.dir
+monitor.tags=[a,[b]]                               monitor.tags[1]
+train=5                                            train
+""".strip().splitlines()]
 # (file name, content, the line the message must name, more text it must contain)
 BAD_YAML = [
     ("syntax.yaml", "seed: 1\ntrain:\n  epochs: 2\n  batch_size: 4: 5\n", 4, "mapping values are not allowed"),
@@ -111,9 +112,9 @@ def assert_refused(code, err, *expected):
         assert text in err, err
 
 
-@pytest.mark.parametrize("overrides, key", BAD_OVERRIDES, ids=[" ".join(o) for o, _ in BAD_OVERRIDES])
+@pytest.mark.parametrize("overrides, key", BAD_OVERRIDES, ids=[o for o, _ in BAD_OVERRIDES])
 def test_bad_value_exits_2_naming_the_key(overrides, key, tmp, capsys):
-    overrides = [o.replace("{tmp}", str(tmp)) for o in overrides]
+    overrides = [o.replace("{tmp}", str(tmp)) for o in overrides.split()]
     before = tree(tmp)
     code, out, err = run_main([*BASE, f"run.dir={tmp}/run", *overrides], capsys)
     assert_refused(code, err, f"config error: {key}: ")

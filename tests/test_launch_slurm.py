@@ -15,6 +15,7 @@ from tests.helpers import (
     last_train_step,
     launch_env,
     metrics,
+    processes,
     short_run,
     wait_for,
     wait_until_final,
@@ -181,16 +182,12 @@ def cpus_of_nodes(cluster, job_id):
 def workers_of(job_id):
     """{RANK: (node, CPUs it may run on, environment)} of the job's trainer processes on this host."""
     workers = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes().decode(errors="replace")
-            env = dict(item.split("=", 1) for item in environ.split("\0") if "=" in item)
-            if env.get("SLURM_JOB_ID") == job_id and "RANK" in env and "LOCAL_RANK" in env:
-                workers[int(env["RANK"])] = (env["SLURMD_NODENAME"], os.sched_getaffinity(int(proc.name)), env)
-        except (OSError, KeyError):  # gone, or not ours to read
-            continue
+    for pid, _, env in processes():
+        if env.get("SLURM_JOB_ID") == job_id and {"RANK", "LOCAL_RANK", "SLURMD_NODENAME"} <= env.keys():
+            try:
+                workers[int(env["RANK"])] = (env["SLURMD_NODENAME"], os.sched_getaffinity(pid), env)
+            except OSError:  # gone meanwhile
+                continue
     return workers
 
 
