@@ -1,4 +1,10 @@
-"""The training loop: `train()` is the schedule, `train_one_epoch()` the steps, `train_step()` one update."""
+"""The training loop: `train()` is the schedule, `train_one_epoch()` the steps, `train_step()` one update.
+
+The Trainer reads top to bottom in the order a run happens: building the parts, the run's state (what a checkpoint
+holds, how a resume restores it), the schedule, the step, and what it reports. It is one class of about 450 lines
+because every method works on the same parts of one run; the pieces with a life of their own live beside it
+(checkpoint, run_dir, nonfinite, resume_split, evaluate, monitor, optim).
+"""
 import contextlib
 import enum
 import itertools
