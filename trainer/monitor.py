@@ -26,6 +26,8 @@ class MonitorConfig:
     """W&B run name; null uses the run directory's name."""
     tags: List[str] = field(default_factory=list)
     """W&B run tags."""
+    group: Optional[str] = None
+    """W&B group, which shows runs that belong together (an experiment's) side by side; null: no group."""
     every_steps: int = 50
     """Log train metrics every this many optimizer steps."""
     progress: bool = True
@@ -80,8 +82,8 @@ class Monitor:
 
         # resume="allow" with the id from the checkpoint: a restarted or requeued job continues the same run.
         self.wandb_run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name,
-                                    tags=list(cfg.tags), config=config, id=self.wandb_id, resume="allow",
-                                    dir=str(run_dir))
+                                    group=cfg.group, tags=list(cfg.tags), config=config, id=self.wandb_id,
+                                    resume="allow", dir=str(run_dir))
         self.wandb_id = self.wandb_run.id
         self.wandb_run.define_metric("trainer/step")
         self.wandb_run.define_metric("trainer/images_seen")
