@@ -132,6 +132,8 @@ class Context:
     started: float
     machine: str
     quick: bool
+    defaults: bool
+    """Generated data and the default budget: the page then says why they are what they are."""
 
     def write(self, folder: Path) -> None:
         (folder / CONTEXT_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=1))
@@ -267,7 +269,8 @@ def markdown(runs: Dict[str, Run], context: Context, figure: str, why: Optional[
         f"- Data: {context.data}.",
         f"- Recipe (the paper's, scaled to the budget): {steps} iterations of SGD at batch {context.batch_size} "
         f"({context.epochs} epochs), momentum 0.9, weight decay 1e-4 on conv and linear weights (not on BN, this "
-        "trainer's default), lr 0.1 divided by 10 at 1/2 and 3/4 of the iterations (the paper: 32k and 48k of "
+        f"trainer's default), lr {0.1 * context.batch_size / 128:g} (the paper's 0.1 per 128 images, scaled "
+        "linearly to the batch) divided by 10 at 1/2 and 3/4 of the iterations (the paper: 32k and 48k of "
         "64k), no warmup, BN, no dropout, cross-entropy without label smoothing, fp32. Augmentation: a random "
         "32x32 window of the 40x40 image (shifts of up to 4 px, the nearest the loader comes to the paper's 4-px "
         "padding and random crop: `data.crop_area=[0.64,0.64]`, `data.crop_aspect=[1,1]`) and a horizontal flip; "
