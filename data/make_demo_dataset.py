@@ -5,6 +5,10 @@ colour over a cluttered background. Background, clutter and object colours come 
 distribution, so colour statistics say nothing about the class: telling classes apart takes spatial features, which
 a small ResNet at ~56 px learns in a few CPU minutes.
 
+The small variant (`small_side`, e.g. 40) is harder, for experiments that need a task a small net does not solve
+in minutes: CIFAR-sized square images, 30 classes (each of the six shapes filled solid or with one of the four
+textures, so the class takes both the outline and the fill) and more clutter.
+
 Every image is generated from its own seed (dataset seed, split, class, index), so the output is byte-identical
 whatever the number of worker processes.
 """
@@ -42,6 +46,13 @@ MAX_SIDE = 500
 # Sensor-like noise: windows of a few fixed tiles, far cheaper than drawing fresh Gaussian noise per image.
 NOISE_SIGMAS = (3, 5, 7, 9)
 NOISE_TILE = 600
+SHAPES = CLASS_NAMES[:6]
+FILLS = ("solid",) + TEXTURES
+SMALL_CLASS_NAMES = tuple(f"{shape}-{fill}" for shape in SHAPES for fill in FILLS)
+# Bump when the small variant's drawing changes (GENERATOR_VERSION covers the demo's own images).
+SMALL_VERSION = 1
+# The small variant is drawn at this multiple of its side and downscaled: PIL draws without antialiasing.
+SMALL_OVERSAMPLE = 4
 
 
 @dataclass(frozen=True)
@@ -54,15 +65,21 @@ class DemoParams:
     """Training images per class."""
     val_per_class: int = 50
     """Validation images per class."""
+    small_side: int = 0
+    """0 makes the demo's images; N makes the small variant: N x N images, 30 classes (SMALL_CLASS_NAMES)."""
+
+    @property
+    def class_names(self) -> tuple:
+        return SMALL_CLASS_NAMES if self.small_side else CLASS_NAMES
 
 
-def class_folder(index: int) -> str:
+def class_folder(index: int, names: Sequence[str] = CLASS_NAMES) -> str:
     """A wnid-like folder name that sorts in class order: n00000001_disc, n00000002_ring, ..."""
-    return f"n{index + 1:08d}_{CLASS_NAMES[index]}"
+    return f"n{index + 1:08d}_{names[index]}"
 
 
-def image_path(split: str, class_index: int, image_index: int) -> Path:
-    folder = class_folder(class_index)
+def image_path(split: str, class_index: int, image_index: int, names: Sequence[str] = CLASS_NAMES) -> Path:
+    folder = class_folder(class_index, names)
     return Path(split) / folder / f"{folder}_{image_index}.JPEG"
 
 
@@ -204,9 +221,43 @@ def render_image(seed: int, split: str, class_index: int, image_index: int) -> b
     return out.getvalue()
 
 
+def render_small_image(seed: int, split: str, class_index: int, image_index: int, side: int) -> bytes:
+    """The JPEG bytes of one image of the small variant: a shape, filled solid or with a texture, over more
+    clutter than the demo's; a pure function of its arguments."""
+    rng = np.random.default_rng([seed, SPLITS.index(split), class_index, image_index, side])
+    size = side * SMALL_OVERSAMPLE
+    image, luma = _background(rng, size, size)
+    draw = ImageDraw.Draw(image)
+    _clutter(rng, draw, size, size, luma, blobs=int(rng.integers(4, 11)), lines=int(rng.integers(2, 6)))
+
+    radius = rng.uniform(0.25, 0.38) * size
+    cx, cy = size / 2 + rng.uniform(-0.12, 0.12, size=2) * size
+    angle = rng.uniform(0, 2 * math.pi)
+    shape, fill = SHAPES[class_index // len(FILLS)], FILLS[class_index % len(FILLS)]
+    mask = _object_mask(rng, shape, size, size, cx, cy, radius, angle)
+    if fill != "solid":
+        # The texture's own outline (a disc or square of 1.5 r) contains the shape, so the shape cuts it out.
+        texture = _texture_mask(rng, fill, (size, size), cx, cy, 1.5 * radius, angle)
+        mask = Image.fromarray(np.asarray(mask) & (texture.astype(np.uint8) * 255))
+    image.paste(_contrasting_colour(rng, luma), mask=mask)
+    _clutter(rng, draw, size, size, luma, blobs=0, lines=int(rng.integers(0, 3)))
+    image = image.resize((side, side), Image.BOX)
+
+    noise = _noise_tiles()[rng.integers(len(NOISE_SIGMAS))]
+    top, left = rng.integers(0, NOISE_TILE - side + 1, size=2)
+    pixels = np.asarray(image, dtype=np.int16) + noise[top:top + side, left:left + side]
+    out = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=int(rng.integers(85, 91)))
+    return out.getvalue()
+
+
 def _write_image(task: tuple) -> None:
-    out, seed, split, class_index, image_index = task
-    (out / image_path(split, class_index, image_index)).write_bytes(render_image(seed, split, class_index, image_index))
+    out, params, split, class_index, image_index = task
+    if params.small_side:
+        data = render_small_image(params.seed, split, class_index, image_index, params.small_side)
+    else:
+        data = render_image(params.seed, split, class_index, image_index)
+    (out / image_path(split, class_index, image_index, params.class_names)).write_bytes(data)
 
 
 def _is_complete(out: Path, params: DemoParams) -> bool:
@@ -220,7 +271,12 @@ def _is_complete(out: Path, params: DemoParams) -> bool:
 
 
 def _manifest(params: DemoParams) -> dict:
-    return {"generator_version": GENERATOR_VERSION, **asdict(params)}
+    fields = asdict(params)
+    if not params.small_side:
+        # Without the key, as folders made before the small variant existed: they stay complete.
+        del fields["small_side"]
+        return {"generator_version": GENERATOR_VERSION, **fields}
+    return {"generator_version": GENERATOR_VERSION, "small_version": SMALL_VERSION, **fields}
 
 
 def _refuse_foreign(out: Path) -> None:
@@ -244,10 +300,13 @@ def _clear_previous(out: Path) -> None:
 
 def make_demo_dataset(out: Path, params: DemoParams, workers: int = 2) -> Path:
     """Generate the dataset into out unless a complete one with the same params is there already."""
-    if not 1 <= params.classes <= len(CLASS_NAMES):
-        raise ValueError(f"classes must be in [1, {len(CLASS_NAMES)}], got {params.classes}")
+    names = params.class_names
+    if not 1 <= params.classes <= len(names):
+        raise ValueError(f"classes must be in [1, {len(names)}], got {params.classes}")
     if params.train_per_class < 1 or params.val_per_class < 1:
         raise ValueError("train_per_class and val_per_class must be >= 1")
+    if params.small_side < 0 or 0 < params.small_side < 8:
+        raise ValueError(f"small_side must be 0 (the demo's images) or >= 8 pixels, got {params.small_side}")
     out = Path(out)
     if not _is_complete(out, params):
         _refuse_foreign(out)
@@ -262,8 +321,8 @@ def make_demo_dataset(out: Path, params: DemoParams, workers: int = 2) -> Path:
         tasks = []
         for split, per_class in (("train", params.train_per_class), ("val", params.val_per_class)):
             for class_index in range(params.classes):
-                (out / split / class_folder(class_index)).mkdir(parents=True)
-                tasks += [(out, params.seed, split, class_index, i) for i in range(per_class)]
+                (out / split / class_folder(class_index, names)).mkdir(parents=True)
+                tasks += [(out, params, split, class_index, i) for i in range(per_class)]
         bar = tqdm(total=len(tasks), desc=f"demo dataset -> {out}", unit="img", disable=not sys.stderr.isatty())
         if workers > 1:
             # spawn, not fork: a child forked from a process whose other threads (DALI's, torch's, a trainer's) held
@@ -276,7 +335,7 @@ def make_demo_dataset(out: Path, params: DemoParams, workers: int = 2) -> Path:
                 _write_image(task)
                 bar.update()
         bar.close()
-        (out / "classes.txt").write_text("".join(class_folder(c) + "\n" for c in range(params.classes)))
+        (out / "classes.txt").write_text("".join(class_folder(c, names) + "\n" for c in range(params.classes)))
         (out / COMPLETE_MARKER).write_text(json.dumps(_manifest(params)))
     return out
 
@@ -298,12 +357,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.make_demo_dataset", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="output folder (gets train/, val/, classes.txt)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--classes", type=int, default=defaults.classes, help=f"1-{len(CLASS_NAMES)}")
+    parser.add_argument("--classes", type=int, default=defaults.classes,
+                        help=f"1-{len(CLASS_NAMES)}, or 1-{len(SMALL_CLASS_NAMES)} with --small-side")
     parser.add_argument("--train-per-class", type=int, default=defaults.train_per_class)
     parser.add_argument("--val-per-class", type=int, default=defaults.val_per_class)
+    parser.add_argument("--small-side", type=int, default=defaults.small_side,
+                        help="make the small variant with images of this side (e.g. 40); 0: the demo's images")
     parser.add_argument("--workers", type=int, default=2, help="generating processes")
     args = parser.parse_args(argv)
-    params = DemoParams(args.seed, args.classes, args.train_per_class, args.val_per_class)
+    params = DemoParams(args.seed, args.classes, args.train_per_class, args.val_per_class, args.small_side)
     try:
         make_demo_dataset(args.out, params, workers=args.workers)
     except (ValueError, DataError) as error:

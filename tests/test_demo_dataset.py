@@ -9,6 +9,7 @@ from data.errors import DataError
 from data.make_demo_dataset import (
     CLASS_NAMES,
     COMPLETE_MARKER,
+    SMALL_CLASS_NAMES,
     DemoParams,
     class_folder,
     main,
@@ -16,6 +17,7 @@ from data.make_demo_dataset import (
 )
 
 SMALL = DemoParams(seed=3, classes=len(CLASS_NAMES), train_per_class=3, val_per_class=2)
+SMALL_VARIANT = DemoParams(seed=3, classes=len(SMALL_CLASS_NAMES), train_per_class=2, val_per_class=1, small_side=40)
 
 
 def _files(root: Path) -> dict:
@@ -111,6 +113,30 @@ def test_colour_statistics_do_not_give_the_class_away(tmp_path):
     predicted = np.argmin(((val_x[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
     # Chance is 10 %; a colour lookup would be near 100 %.
     assert (predicted == val_y).mean() < 0.3
+
+
+def test_the_small_variant_is_30_classes_of_square_images_whatever_the_worker_count(tmp_path):
+    make_demo_dataset(tmp_path / "serial", SMALL_VARIANT, workers=1)
+    make_demo_dataset(tmp_path / "parallel", SMALL_VARIANT, workers=2)
+    folders = [class_folder(c, SMALL_CLASS_NAMES) for c in range(len(SMALL_CLASS_NAMES))]
+    assert len(folders) == 30 and folders[:2] == ["n00000001_disc-solid", "n00000002_disc-stripes"]
+    for split in ("train", "val"):
+        assert sorted(p.name for p in (tmp_path / "serial" / split).iterdir()) == folders
+    serial = _files(tmp_path / "serial")
+    assert len(serial) == 30 * 3 and serial == _files(tmp_path / "parallel")
+    for path in (tmp_path / "serial").rglob("*.JPEG"):
+        with Image.open(path) as image:
+            assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (40, 40))
+    assert json.loads((tmp_path / "serial" / COMPLETE_MARKER).read_text())["small_side"] == 40
+
+
+def test_the_demo_manifest_is_unchanged_by_the_small_variant(tmp_path):
+    # Folders made before the small variant existed must stay complete, not be made again.
+    make_demo_dataset(tmp_path, SMALL, workers=1)
+    manifest = json.loads((tmp_path / COMPLETE_MARKER).read_text())
+    assert set(manifest) == {"generator_version", "seed", "classes", "train_per_class", "val_per_class"}
+    with pytest.raises(ValueError, match="small_side"):
+        make_demo_dataset(tmp_path / "x", DemoParams(small_side=4), workers=1)
 
 
 def test_cli(tmp_path, capsys):

@@ -7,7 +7,7 @@ from torch import nn
 
 from data.errors import ConfigError
 from trainer.models import MODEL_NAMES, ModelConfig, build_model
-from trainer.models.resnet import ZeroPadShortcut
+from trainer.models.resnet import BasicBlock, Bottleneck, ZeroPadShortcut
 
 IMAGENET_NETS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 CIFAR_NETS = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
@@ -259,3 +259,37 @@ def test_model_config_defaults_and_allowed_names():
 def test_build_model_rejects_unknown_names_and_options(name, options, match):
     with pytest.raises(ValueError, match=match):
         build_model(name, **options)
+
+
+
+def output_shapes(model: nn.Module, side: int) -> dict:
+    """{module: (map side, filters) of its output} for every block and convolution of the residual stages."""
+    shapes = {}
+    modules = [m for stage in model.stages() for m in stage.modules()
+               if isinstance(m, (nn.Conv2d, BasicBlock, Bottleneck))]
+    hooks = [m.register_forward_hook(lambda m, i, o: shapes.__setitem__(m, (o.shape[-1], o.shape[1])))
+             for m in modules]
+    model(torch.empty(1, 3, side, side, device="meta"))
+    for hook in hooks:
+        hook.remove()
+    return shapes
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_design_rules(name):
+    """The paper's two rules, on the built model: layers with the same output map size have the same number of
+    filters, and where the map is halved the number of filters doubles. They hold for every 3x3 layer and every
+    block's output; a bottleneck's 1x1 layers reduce and expand the filters by design."""
+    with torch.device("meta"):  # shapes only: no weights, no arithmetic
+        model = build_model(name, num_classes=10)
+    shapes = output_shapes(model, 32 if name.replace("plain", "resnet") in CIFAR_NETS else 64)
+    three_by_three = [shape for m, shape in shapes.items() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    block_outputs = [shapes[block] for block in blocks(model)]
+    for layers in (three_by_three, block_outputs):
+        filters = {}
+        for side, count in layers:
+            assert filters.setdefault(side, count) == count, f"{side}x{side} maps with {filters[side]} and {count}"
+        sides = sorted(filters, reverse=True)
+        assert len(sides) == model.num_stages
+        for bigger, smaller in zip(sides, sides[1:]):
+            assert (smaller * 2, filters[smaller]) == (bigger, 2 * filters[bigger]), filters

@@ -1,0 +1,1 @@
+"""Experiments: commands that train several runs through the Trainer and report what they show."""
