@@ -13,6 +13,7 @@ other `key=value` is passed to every run after the recipe.
 """
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -196,6 +197,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # the waited-for child processes, all together
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_experiment(args: argparse.Namespace, argv: Optional[List[str]], budget: Budget, out: Path):
     """Trains (or resumes) every run; returns, and keeps in out/, what the report says about how they ran."""
     started, load_before = time.time(), os.getloadavg()
@@ -206,15 +212,18 @@ def run_experiment(args: argparse.Namespace, argv: Optional[List[str]], budget: 
                   f"monitor.tags=[{out.name}]", *args.overrides]
     models = model_names(args.depths)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    cpu_before = _children_cpu_s()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         walls = dict(zip(models, pool.map(lambda m: train(m, overrides, out / m, threads), models)))
+    cpu_s = _children_cpu_s() - cpu_before
     context = report.Context(
         command=" ".join(["python -m trainer.experiments.degradation", *(sys.argv[1:] if argv is None else argv)]),
         data=(f"{data_root}" if roots else f"generated: 30 classes x {budget.train_per_class} train / "
               f"{budget.val_per_class} test images of {SIDE} px (data.make_demo_dataset, small_side={SIDE})"),
         models=models, batch_size=budget.batch_size, epochs=budget.epochs, jobs=args.jobs, threads=threads,
         walls=walls, wall=time.time() - started, load=[list(load_before), list(os.getloadavg())],
-        started=started, machine=report.machine(), quick=args.quick, defaults=budget == DEFAULT and not roots)
+        cpu_s=cpu_s, started=started, machine=report.machine(), quick=args.quick,
+        defaults=budget == DEFAULT and not roots)
     context.write(out)
     return context
 

@@ -129,6 +129,8 @@ class Context:
     wall: float
     load: List[List[float]]
     """The load averages (1, 5, 15 min) at the start and at the end."""
+    cpu_s: float
+    """CPU seconds (user + system) of the training processes: what the runs cost, whatever else the machine ran."""
     started: float
     machine: str
     quick: bool
@@ -265,7 +267,9 @@ def markdown(runs: Dict[str, Run], context: Context, figure: str, why: Optional[
                     for m, w in context.walls.items())
         + f". Load average (1, 5, 15 min) {before[0]:.1f}, {before[1]:.1f}, {before[2]:.1f} at the start and "
         f"{after[0]:.1f}, {after[1]:.1f}, {after[2]:.1f} at the end: other work on the machine stretches the wall "
-        "time, not the results.",
+        f"time, not the results. The training processes used {context.cpu_s / 60:.1f} CPU-minutes, "
+        f"{context.cpu_s / 60 / (context.jobs * context.threads):.1f} min on each of the "
+        f"{context.jobs * context.threads} cores they ran on: the wall time on an idle machine.",
         f"- Data: {context.data}.",
         f"- Recipe (the paper's, scaled to the budget): {steps} iterations of SGD at batch {context.batch_size} "
         f"({context.epochs} epochs), momentum 0.9, weight decay 1e-4 on conv and linear weights (not on BN, this "
