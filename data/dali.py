@@ -33,10 +33,8 @@ def _centre(extent, size: int):
     return fn.cast(first, dtype=types.FLOAT) / fn.cast(math.max(margin, 1), dtype=types.FLOAT)
 
 
-@pipeline_def(enable_checkpointing=True)
-def image_pipeline(files, labels, cfg: DataConfig, train: bool, gpu: bool, channels_last: bool, dtype: torch.dtype):
-    """Decode, crop, flip and normalize; `gpu` only switches the decoder to `mixed` and the labels to the GPU."""
-    jpegs, labels = fn.readers.file(files=files, labels=labels, name=READER, pad_last_batch=not train)
+def preprocess(jpegs, cfg: DataConfig, train: bool, gpu: bool, channels_last: bool, dtype: torch.dtype):
+    """Encoded images to normalized crops, whatever reader produced them; `gpu` switches the decoder to `mixed`."""
     decoder = {"device": "mixed", "hw_decoder_load": cfg.hw_decoder_load} if gpu else {"device": "cpu"}
     size = cfg.image_size
     if train:
@@ -58,10 +56,17 @@ def image_pipeline(files, labels, cfg: DataConfig, train: bool, gpu: bool, chann
                            resize_y=fn.cast(out_height, dtype=types.FLOAT), interp_type=types.INTERP_LINEAR)
         crop_pos = {"crop_pos_x": _centre(out_width, size), "crop_pos_y": _centre(out_height, size)}
         mirror = 0
-    images = fn.crop_mirror_normalize(
+    return fn.crop_mirror_normalize(
         images, crop=(size, size), mirror=mirror, **crop_pos, mean=cfg.mean, std=cfg.std or [1.0, 1.0, 1.0],
         dtype=_DALI_DTYPES[dtype], output_layout="HWC" if channels_last else "CHW",
     )
+
+
+@pipeline_def(enable_checkpointing=True)
+def image_pipeline(files, labels, cfg: DataConfig, train: bool, gpu: bool, channels_last: bool, dtype: torch.dtype):
+    """Reads `files` in order and preprocesses them (`preprocess`)."""
+    jpegs, labels = fn.readers.file(files=files, labels=labels, name=READER, pad_last_batch=not train)
+    images = preprocess(jpegs, cfg, train, gpu, channels_last, dtype)
     return images, labels.gpu() if gpu else labels
 
 
