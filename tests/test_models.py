@@ -261,7 +261,6 @@ def test_build_model_rejects_unknown_names_and_options(name, options, match):
         build_model(name, **options)
 
 
-
 def output_shapes(model: nn.Module, side: int) -> dict:
     """{module: (map side, filters) of its output} for every block and convolution of the residual stages."""
     shapes = {}
