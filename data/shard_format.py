@@ -6,10 +6,12 @@ DIR/manifest.json names every shard with its sample count, size and sha256; DIR/
 format DALI's wds2idx writes: a line `v1.2 <samples>`, then per sample `<ext> <data offset> <size> <member name>` for
 each of its members.
 """
+import hashlib
 import json
 import os
+import tarfile
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from data.errors import DataError
 
@@ -28,21 +30,13 @@ def shard_name(split: str, number: int) -> str:
 
 def member_key(name: str) -> str:
     """The sample key of a tar member: its name up to the first dot of its last path part, as DALI groups them."""
-    return name[:name.find(".", name.rfind("/") + 1)]
+    dot = name.find(".", name.rfind("/") + 1)
+    return name if dot < 0 else name[:dot]
 
 
 def index_line(members: List[Tuple[str, int, int, str]]) -> str:
     """One sample's index line from its members' (ext, data offset, size, member name)."""
     return " ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in members) + "\n"
-
-
-def index_count(path: str) -> int:
-    """The sample count an index file's first line declares (-1 if it has none)."""
-    with open(path, "rb") as f:
-        fields = f.readline().split()
-    if len(fields) != 2 or not fields[1].isdigit():
-        return -1
-    return int(fields[1])
 
 
 def index_sample(path: str, line: int) -> Tuple[str, List[str]]:
@@ -114,32 +108,56 @@ class SplitShards:
         return dict(zip(self.indexes, self.tars))
 
 
+def _member_name(tar: str, header_offset: int) -> Optional[str]:
+    with open(tar, "rb") as f:
+        f.seek(header_offset)
+        block = f.read(tarfile.BLOCKSIZE)
+    try:
+        return tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape").name
+    except tarfile.HeaderError:
+        return None
+
+
+def _check_shard(tar: str, index: str, shard: dict, redo: str):
+    for path, what in ((tar, "shard"), (index, f"index of shard {tar}")):
+        if not os.path.isfile(path):
+            raise DataError(f"{path} is missing: the {what}, listed in the manifest. {redo}")
+    size = os.path.getsize(tar)
+    if size < shard["tar_bytes"]:
+        raise DataError(f"shard {tar} is truncated: {size} bytes, the manifest says {shard['tar_bytes']}; the first "
+                        f"sample cut is {_first_cut_sample(index, size)}. {redo}")
+    if size != shard["tar_bytes"]:
+        raise DataError(f"shard {tar} is {size} bytes, the manifest says {shard['tar_bytes']}: a shard of another "
+                        f"dataset or a damaged copy. {redo}")
+    with open(index, "rb") as f:
+        data = f.read()
+    lines = data.decode(errors="replace").splitlines()
+    if hashlib.sha256(data).hexdigest() != shard["index_sha256"]:
+        header = lines[0] if lines else "nothing"
+        raise DataError(f"index {index} differs from the manifest's sha256 (it declares {header!r}, the manifest "
+                        f"{INDEX_VERSION} {shard['samples']}): the index of another shard or a damaged copy. {redo}")
+    # The index is the one make_shards wrote; a tar of the right size but other content (another dataset's, which
+    # only --verify's sha256 would tell) rarely has the first and last members where the index says they are.
+    for line in (lines[1], lines[-1]):
+        fields = line.split()
+        offset, name = int(fields[1]), fields[3]
+        if _member_name(tar, offset - tarfile.BLOCKSIZE) != name:
+            raise DataError(f"shard {tar} does not hold {name} at byte {offset} as its index says: a shard of another "
+                            f"dataset or a damaged copy. {redo}")
+
+
 def check_split(root: str, split: str) -> SplitShards:
-    """The split's shards, after the cheap checks of every file against the manifest (sizes and the index's sample
-    count: a stat and one line per shard); data.make_shards --verify compares the sha256 of every byte."""
+    """The split's shards, after the cheap checks of every file against the manifest: a stat of each tar, the sha256
+    of each index (a few MB for ImageNet) and two tar headers per shard; data.make_shards --verify compares the
+    sha256 of every byte."""
     manifest = read_manifest(root)
     if split not in manifest["splits"]:
         raise DataError(f"{os.path.join(root, MANIFEST)} has no {split} split")
     redo = f"`python -m data.make_shards {manifest['source']} --out {root}` rewrites missing or damaged shards"
     shards = manifest["splits"][split]["shards"]
-    tars, indexes = [], []
-    for shard in shards:
-        tar, index = (os.path.join(root, shard["name"] + ext) for ext in (".tar", ".idx"))
-        for path, key, what in ((tar, "tar_bytes", "shard"), (index, "index_bytes", "index of shard " + tar)):
-            if not os.path.isfile(path):
-                raise DataError(f"{path} is missing: the {what}, listed in {os.path.join(root, MANIFEST)}. {redo}")
-            size = os.path.getsize(path)
-            if size < shard[key] and path == tar:
-                raise DataError(f"shard {tar} is truncated: {size} bytes, the manifest says {shard[key]}; the first "
-                                f"sample cut is {_first_cut_sample(index, size)}. {redo}")
-            if size != shard[key]:
-                raise DataError(f"{what} {path} is {size} bytes, the manifest says {shard[key]}: a file of another "
-                                f"dataset or a damaged copy. {redo}")
-        count = index_count(index)
-        if count != shard["samples"]:
-            raise DataError(f"index {index} declares {count} samples, the manifest says {shard['samples']} for shard "
-                            f"{tar}: an index of another shard. {redo}")
-        tars.append(tar)
-        indexes.append(index)
+    tars = [os.path.join(root, shard["name"] + ".tar") for shard in shards]
+    indexes = [os.path.join(root, shard["name"] + ".idx") for shard in shards]
+    for tar, index, shard in zip(tars, indexes, shards):
+        _check_shard(tar, index, shard, redo)
     return SplitShards(root=root, split=split, classes=list(manifest["classes"]), tars=tars, indexes=indexes,
                        counts=[s["samples"] for s in shards], source=manifest["source"])
