@@ -311,12 +311,13 @@ def make_shards(root, out, shard_size: int = DEFAULT_SHARD_SIZE, seed: int = 0, 
             for skipped in plan["splits"][split]["skipped"]:
                 print(f"skipped {skipped['kind']}: {skipped['path']}" +
                       (f" ({skipped['detail']})" if skipped["detail"] else ""), file=sys.stderr)
-        finished = []
+        finished, recorded = [], None
         if (out / MANIFEST).is_file():
             recorded = json.loads((out / MANIFEST).read_text())
             finished = [s for split in recorded["splits"].values() for s in split["shards"] if _intact(out, s)]
         manifest = _manifest(plan, finished)
-        _write_atomically(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        if manifest != recorded:  # a finished directory stays untouched
+            _write_atomically(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         done = {s["name"] for s in finished}
         tasks = [(str(out), split, str(Path(params["source"]) / split), number, samples)
                  for split in SPLITS for number, samples in enumerate(plan["splits"][split]["shards"])

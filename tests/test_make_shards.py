@@ -12,21 +12,20 @@ import pytest
 
 from data.errors import DataError
 from data.folder import list_split
-from data.make_shards import HANG_ENV, PLAN, main, make_shards, sample_key
+from data.make_demo_dataset import DemoParams
+from data.make_shards import HANG_ENV, PLAN, ensure_demo_shards, main, make_shards, sample_key
 from tests.helpers import ROOT, encoded, trainer_env, wait_for
 
-SHARD = 200_000  # about 10 of tiny_data's images: 12 train shards, 2 val
+SHARD = 200_000  # the tiny_shards fixture's
 
 
 def files(directory: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def shards(tiny_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards")
-    make_shards(tiny_data, out, shard_size=SHARD, workers=1)
-    return out
+@pytest.fixture
+def shards(tiny_shards) -> Path:
+    return tiny_shards
 
 
 def manifest_of(out: Path) -> dict:
@@ -193,3 +192,14 @@ def test_help_documents_the_format_and_resuming(capsys):
     for words in ("<key>.cls (the label as an ASCII integer)", "byte-identical to an uninterrupted run",
                   "manifest.json records the format version", "--verify DIR"):
         assert words in text
+
+
+def test_the_demo_shards_are_written_once(tmp_path):
+    params = DemoParams(seed=2, classes=2, train_per_class=6, val_per_class=2)
+    ensure_demo_shards(tmp_path / "shards", params)
+    manifest = manifest_of(tmp_path / "shards")
+    assert manifest["complete"] and manifest["source"] == str((tmp_path / "shards" / "source").resolve())
+    assert manifest["splits"]["train"]["samples"] == 12 and manifest["splits"]["val"]["samples"] == 4
+    written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shards").iterdir() if p.is_file()}
+    ensure_demo_shards(tmp_path / "shards", params)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shards").iterdir() if p.is_file()} == written
