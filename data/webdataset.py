@@ -136,8 +136,8 @@ class WebDatasetLoader(Loader):
         self._gpu = device.type == "cuda"
         self._device_id = (device.index if device.index is not None else torch.cuda.current_device()) \
             if self._gpu else None
-        # Every rank's reader epoch: ceil(N / world_size) samples padded to whole batches (pad_last_batch), one or two
-        # more than the len(self) batches every rank yields.
+        # Every rank's reader epoch: ceil(N / world_size) samples padded to whole batches (pad_last_batch), at most
+        # one more than the len(self) batches every rank yields.
         self._reader_batches = math.ceil(math.ceil(self.num_samples / world_size) / batch_size)
         self._restore = None
         # The epoch the reader started at (0, or where a resume on another split began a fresh one): its seed.
@@ -219,6 +219,9 @@ class WebDatasetLoader(Loader):
 
     def _load_extra_state(self, state: Dict[str, Any]):
         if "dali_checkpoints" not in state:  # see _extra_state
+            if self._done:
+                raise DataError(f"the loader state is {self._done} batches into epoch {self._epoch} but holds no "
+                                f"reader checkpoint: a fresh reader would not read the rest of that epoch")
             return
         checkpoints = state["dali_checkpoints"]
         if str(self.rank) not in checkpoints:
