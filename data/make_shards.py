@@ -17,9 +17,11 @@ the samples per split and per shard, every file's size and sha256, the source an
 
 Same input, same bytes: tar headers carry no time, owner or mode of the source files. Run again after an
 interruption (kill -9 included), the same command goes on where it stopped: a shard is written under a temporary
-name, fsynced and renamed, and only then recorded in the manifest; the result is byte-identical to an uninterrupted
-run. On a finished DIR it rewrites shards that are missing or of the wrong size and otherwise does nothing.
---verify compares the sha256 of every shard and index with the manifest (the loader only checks sizes at start).
+name, fsynced and renamed, and only then recorded in the manifest; DIR/make_shards.plan.json keeps the checked file
+list and which shard each file goes to, so the images are not checked again. The result is byte-identical to an
+uninterrupted run. On a finished DIR it rewrites the shards that are missing or of the wrong size, and otherwise does
+nothing. --verify compares the sha256 of every shard and index with the manifest (the loader checks at start-up
+only the sizes, the indexes and two tar headers per shard).
 """
 import argparse
 import fcntl

@@ -74,8 +74,7 @@ def read_manifest(root: str) -> dict:
     except (OSError, ValueError) as error:
         raise DataError(f"{path} cannot be read as a shard manifest: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DataError(f"{path} is not a manifest of make_shards' shards (format {manifest.get('format')!r})"
-                        if isinstance(manifest, dict) else f"{path} is not a manifest of make_shards' shards")
+        raise DataError(f"{path} is not a manifest written by data.make_shards")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{path} has shard format version {manifest.get('format_version')}, this loader reads "
                         f"{FORMAT_VERSION}: write the shards again with this version's data.make_shards")
