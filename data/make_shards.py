@@ -52,8 +52,8 @@ from data.shard_format import (
     MANIFEST,
     SPLITS,
     index_line,
-    read_manifest,
     shard_name,
+    verify_shards,
 )
 
 # Bump when the same input would give other bytes.
@@ -329,29 +329,6 @@ def make_shards(root, out, shard_size: int = DEFAULT_SHARD_SIZE, seed: int = 0, 
             manifest = _manifest(plan, finished)
             _write_atomically(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
-
-
-def verify_shards(out) -> List[str]:
-    """The files of a finished shard directory that are missing or differ from the manifest (size, sha256)."""
-    out = Path(out)
-    manifest = read_manifest(str(out))
-    problems = []
-    for split in manifest["splits"].values():
-        for shard in split["shards"]:
-            for ext, what in ((".tar", "tar"), (".idx", "index")):
-                path = out / f"{shard['name']}{ext}"
-                if not path.is_file():
-                    problems.append(f"{path}: missing")
-                    continue
-                sha256 = hashlib.sha256()
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        sha256.update(block)
-                if path.stat().st_size != shard[f"{what}_bytes"]:
-                    problems.append(f"{path}: {path.stat().st_size} bytes, the manifest says {shard[what + '_bytes']}")
-                elif sha256.hexdigest() != shard[f"{what}_sha256"]:
-                    problems.append(f"{path}: sha256 differs from the manifest's (same size: another file's content)")
-    return problems
 
 
 def ensure_demo_shards(out, params: Optional[DemoParams] = None) -> Path:

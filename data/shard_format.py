@@ -1,5 +1,5 @@
 """The shard directory data.make_shards writes and the webdataset loader reads: file names, DALI's index format,
-the manifest, and the cheap start-up check of a split's shards against the manifest.
+the manifest, the cheap start-up check of a split's shards against the manifest and the full one (--verify).
 
 DIR/manifest.json names every shard with its sample count, size and sha256; DIR/<split>-NNNNNN.tar holds samples
 `<key>.jpg` (or `.png`) + `<key>.cls` (the label as an ASCII integer), and DIR/<split>-NNNNNN.idx is its index in the
@@ -11,6 +11,7 @@ import json
 import os
 import tarfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from data.errors import DataError
@@ -160,3 +161,27 @@ def check_split(root: str, split: str) -> SplitShards:
         _check_shard(tar, index, shard, redo)
     return SplitShards(root=root, split=split, classes=list(manifest["classes"]), tars=tars, indexes=indexes,
                        counts=[s["samples"] for s in shards], source=manifest["source"])
+
+
+def verify_shards(out) -> List[str]:
+    """The files of a finished shard directory that are missing or differ from the manifest (size, sha256)."""
+    out = Path(out)
+    manifest = read_manifest(str(out))
+    problems = []
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            for ext, what in ((".tar", "tar"), (".idx", "index")):
+                path = out / f"{shard['name']}{ext}"
+                if not path.is_file():
+                    problems.append(f"{path}: missing")
+                    continue
+                if path.stat().st_size != shard[f"{what}_bytes"]:
+                    problems.append(f"{path}: {path.stat().st_size} bytes, the manifest says {shard[what + '_bytes']}")
+                    continue
+                sha256 = hashlib.sha256()
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        sha256.update(block)
+                if sha256.hexdigest() != shard[f"{what}_sha256"]:
+                    problems.append(f"{path}: sha256 differs from the manifest's (same size: another file's content)")
+    return problems
