@@ -8,20 +8,27 @@ SEED_MEAN = [123.68, 116.78, 103.94]
 TORCHVISION_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 TORCHVISION_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 BACKENDS = ("dali", "torchvision", "synthetic")
+FORMATS = ("folder", "webdataset")
 TORCHVISION_DECODERS = ("pil", "tensor")
 MAX_IMAGE_SIZE = 4096
 MAX_VAL_RESIZE = 8192
 MAX_THREADS = 1024
 MAX_PREFETCH = 32
 MAX_CLASSES = 100_000
+MAX_SHUFFLE_BUFFER = 1 << 20
 
 
 @dataclass
 class DataConfig:
     root: str = "/data/imagenet"
-    """Dataset root holding train/<wnid>/*.JPEG and val/<wnid>/*.JPEG."""
+    """Dataset root holding train/<wnid>/*.JPEG and val/<wnid>/*.JPEG; with format=webdataset, the shard directory
+    (its manifest.json) that data.make_shards wrote."""
+    format: str = "folder"
+    """How the dataset is stored: folder (one file per image) or webdataset (tar shards from data.make_shards, read
+    by the dali backend)."""
     demo: bool = False
-    """Generate the project's demo dataset at data.root if it is not there (the embedded default)."""
+    """Generate the project's demo dataset at data.root if it is not there (the embedded default); with
+    format=webdataset, generate it in data.root/source and write it as shards into data.root."""
     backend: str = "dali"
     """Input pipeline: dali (GPU decode, or CPU where there is no GPU), torchvision (PIL), synthetic."""
     image_size: int = 224
@@ -56,10 +63,22 @@ class DataConfig:
     has 21841): the loader names every class and the classifier has one output each."""
     synthetic_samples: int = 1281167
     """Images per epoch of the synthetic backend."""
+    shuffle_buffer: int = 1024
+    """format=webdataset: samples each rank's train reader draws from at random (DALI's initial_fill); more mixes
+    further at the cost of memory (that many encoded images per rank) and a slower first batch. At most 1048576."""
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ConfigError("data.backend", f"got {self.backend!r}; allowed: {', '.join(BACKENDS)}")
+        if self.format not in FORMATS:
+            raise ConfigError("data.format", f"got {self.format!r}; allowed: {', '.join(FORMATS)}")
+        if self.format == "webdataset" and self.backend != "dali":
+            raise ConfigError("data.format", f"webdataset shards are read by data.backend=dali, not {self.backend}")
+        if self.format == "webdataset" and self.file_list is not None:
+            raise ConfigError("data.file_list", "filters folder files; with data.format=webdataset give it to "
+                                                "data.make_shards --file-list instead")
+        if not 1 <= self.shuffle_buffer <= MAX_SHUFFLE_BUFFER:
+            raise ConfigError("data.shuffle_buffer", f"must be in [1, {MAX_SHUFFLE_BUFFER}], got {self.shuffle_buffer}")
         if not 0 < self.image_size <= MAX_IMAGE_SIZE:
             raise ConfigError("data.image_size", f"must be in [1, {MAX_IMAGE_SIZE}], got {self.image_size}")
         if not self.image_size <= self.val_resize <= MAX_VAL_RESIZE:

@@ -1,4 +1,4 @@
-"""build_loader: the one interface the trainer sees; it picks the backend named by cfg.backend.
+"""build_loader: the one interface the trainer sees; it picks the backend named by cfg.backend (and cfg.format).
 
 A Loader (data/base.py) has `classes`, `__len__` (batches per epoch), `__iter__` (the rest of the current
 epoch, as (images, labels) on the device) and, for train, `state_dict()`/`load_state_dict()`.
@@ -32,6 +32,10 @@ def build_loader(cfg: DataConfig, split: str, *, batch_size: int, rank: int, wor
     if cfg.backend == "synthetic":
         from data.synthetic import SyntheticLoader
         return SyntheticLoader(cfg, split, **placement)
+    if cfg.format == "webdataset":  # make_shards verified every image: no screen
+        from data.shard_format import check_split
+        from data.webdataset import WebDatasetLoader
+        return WebDatasetLoader(cfg, split, check_split(cfg.root, split), **placement)
     images = list_split(cfg.root, split, cfg.file_list)
     _screen(images, split, rank, world_size, verified=split == "train" and cfg.file_list is not None)
     if cfg.backend == "torchvision":

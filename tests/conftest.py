@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from data.make_demo_dataset import DemoParams, make_demo_dataset
+from data.make_shards import make_shards
 from tests.slurm_cluster import LocalSlurm, missing_reason
 
 
@@ -13,6 +14,14 @@ def tiny_data(tmp_path_factory) -> Path:
     # One worker: a fork pool started after in-process tests have started threads (DALI's, torch's) can deadlock.
     return make_demo_dataset(tmp_path_factory.mktemp("tiny") / "data",
                              DemoParams(seed=1, classes=4, train_per_class=24, val_per_class=4), workers=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tiny_data, tmp_path_factory) -> Path:
+    """tiny_data as data.make_shards' shards of about 200 kB (some 10 images): 12 train shards, 2 val."""
+    out = tmp_path_factory.mktemp("tiny_shards")
+    make_shards(tiny_data, out, shard_size=200_000, workers=1)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -77,10 +77,10 @@ def test_two_ranks_train_and_only_rank0_writes(uninterrupted):
     assert state["world_size"] == 2 and len(state["loader"]) == 2 and len(state["rng"]) == 2
 
 
-def test_sigkill_mid_epoch_then_same_command_resumes_bitwise(uninterrupted, tiny_data, tmp_path):
-    whole_dir, _ = uninterrupted
-    run_dir = tmp_path / "killed"
-    command = trainer_command(2, *TINY, f"data.root={tiny_data}", f"run.dir={run_dir}")
+def kill_mid_epoch_and_resume_bitwise(whole_dir, data, run_dir):
+    """Runs the uninterrupted run's command (TINY, `data` overrides) into run_dir, SIGKILLs it mid-epoch 2, runs the
+    same command again and checks that it ends as the uninterrupted run did, bitwise."""
+    command = trainer_command(2, *TINY, *data, f"run.dir={run_dir}")
     proc = subprocess.Popen(command, cwd=ROOT, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
@@ -110,6 +110,18 @@ def test_sigkill_mid_epoch_then_same_command_resumes_bitwise(uninterrupted, tiny
     # The log holds each step once: records past the checkpoint were dropped on resume.
     steps = [r["step"] for r in metrics(run_dir, "train")]
     assert steps == list(range(1, STEPS + 1))
+
+
+def test_sigkill_mid_epoch_then_same_command_resumes_bitwise(uninterrupted, tiny_data, tmp_path):
+    kill_mid_epoch_and_resume_bitwise(uninterrupted[0], [f"data.root={tiny_data}"], tmp_path / "killed")
+
+
+def test_sigkill_mid_epoch_on_shards_then_same_command_resumes_bitwise(tiny_shards, tmp_path):
+    data = ["data.format=webdataset", f"data.root={tiny_shards}"]
+    whole = run_trainer(2, *TINY, *data, f"run.dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert [r["samples"] for r in metrics(tmp_path / "whole", "val")] == [16, 16]
+    kill_mid_epoch_and_resume_bitwise(tmp_path / "whole", data, tmp_path / "killed")
 
 
 def test_evaluation_with_two_ranks_equals_one(uninterrupted):

@@ -152,7 +152,10 @@ class Trainer:
         return self._agree(lambda: fn() if self.dist.is_main else None)
 
     def _ensure_demo_data(self) -> None:
-        if self.cfg.data.demo:
+        if self.cfg.data.demo and self.cfg.data.format == "webdataset":
+            from data.make_shards import ensure_demo_shards
+            ensure_demo_shards(Path(self.cfg.data.root))
+        elif self.cfg.data.demo:
             from data.make_demo_dataset import ensure_demo_dataset
             ensure_demo_dataset(Path(self.cfg.data.root), seed=0)
 
