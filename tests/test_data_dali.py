@@ -21,6 +21,13 @@ def coded(tmp_path_factory):
     return str(root), make_coded(str(root))
 
 
+@pytest.fixture(scope="module")
+def smooth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smooth")
+    make_smooth(str(root), per_class=8)  # 24 images a split
+    return str(root)
+
+
 def config(root, **overrides):
     return DataConfig(root=root, image_size=32, val_resize=36, num_threads=2, **overrides)
 
@@ -142,19 +149,46 @@ def roundtrip(state):
     return torch.load(buffer, weights_only=True)
 
 
-@pytest.mark.parametrize("stop", [2, 6, 8])  # mid-epoch 0, exactly at the epoch end, mid-epoch 1
-def test_resume_is_bitwise_identical(coded, stop):
-    root, _ = coded
-    options = {"batch_size": 4, "rank": 1, "world_size": 2, "prefetch": 3}  # 3 batches per epoch
-    expected = run(loader(root, **options), 12)
-    first = loader(root, **options)
-    head = run(first, stop)
-    for (x, y), (ex, ey) in zip(head, expected):
+def assert_same(batches, expected):
+    assert len(batches) == len(expected)
+    for (x, y), (ex, ey) in zip(batches, expected):
         assert torch.equal(x, ex) and torch.equal(y, ey)
-    resumed = loader(root, **options)
+
+
+# On the smooth images: a crop or a flip of a solid colour (the coded set) looks alike whatever the draw was.
+RESUME = {"batch_size": 4, "rank": 1, "world_size": 2, "prefetch": 3}  # 24 images: 3 batches per epoch
+
+
+@pytest.mark.parametrize("stop", [2, 3, 6, 8, 9])  # mid-epoch 0, at the end of epoch 0, of 1, mid-epoch 2, end of 2
+def test_resume_is_bitwise_identical(smooth, stop):
+    expected = run(loader(smooth, **RESUME), 12)
+    first = loader(smooth, **RESUME)
+    assert_same(run(first, stop), expected[:stop])
+    resumed = loader(smooth, **RESUME)
     resumed.load_state_dict(roundtrip(merge_states([first.state_dict()])))
-    for (x, y), (ex, ey) in zip(run(resumed, 12 - stop), expected[stop:]):
-        assert torch.equal(x, ex) and torch.equal(y, ey)
+    assert_same(run(resumed, 12 - stop), expected[stop:])
+
+
+def test_resume_after_epochs_read_past_their_end_is_bitwise_identical(smooth):
+    # As the trainer reads: each epoch's iterator runs out, so the loader has moved on to the next epoch.
+    expected = run(loader(smooth, **RESUME), 9)
+    first = loader(smooth, **RESUME)
+    assert_same(list(first) + list(first), expected[:6])
+    resumed = loader(smooth, **RESUME)
+    resumed.load_state_dict(roundtrip(first.state_dict()))
+    assert_same(list(resumed), expected[6:])
+
+
+def test_a_resumed_loader_saved_again_resumes_bitwise(smooth):
+    expected = run(loader(smooth, **RESUME), 12)
+    first = loader(smooth, **RESUME)
+    run(first, 2)
+    second = loader(smooth, **RESUME)
+    second.load_state_dict(roundtrip(first.state_dict()))
+    assert_same(run(second, 5), expected[2:7])  # across two epoch ends
+    third = loader(smooth, **RESUME)
+    third.load_state_dict(roundtrip(second.state_dict()))
+    assert_same(run(third, 5), expected[7:])
 
 
 def test_a_restored_loader_saves_the_same_state_before_it_is_iterated(coded):
@@ -174,6 +208,14 @@ def test_yielded_batches_are_not_overwritten_later(coded):
     kept = batches[0][0].clone()
     run(loader(root, batch_size=4), 8)
     assert torch.equal(batches[0][0], kept)
+
+
+def test_batches_held_across_epochs_keep_their_pixels(smooth):
+    # One pipeline serves every epoch: the buffers of later batches must not reuse those of batches still held.
+    copying, holding = loader(smooth, batch_size=4), loader(smooth, batch_size=4)
+    copied = [(x.clone(), y.clone()) for _ in range(3) for x, y in copying]  # each dropped once copied
+    held = [batch for _ in range(3) for batch in holding]
+    assert_same(held, copied)
 
 
 def test_a_re_split_epoch_saved_again_mid_way_resumes_bitwise(coded):
@@ -216,3 +258,30 @@ def test_resume_needs_this_ranks_checkpoint(coded):
     run(rank0, 1)
     with pytest.raises(DataError, match="not for rank 1"):
         loader(root, rank=1, world_size=2).load_state_dict(rank0.state_dict())
+
+
+def test_a_re_split_loader_saved_again_resumes_bitwise_across_the_epoch_end(smooth):
+    # 24 images: 2 ranks x batch 2 read 1 batch; 1 rank x batch 4 goes on from global batch 1 of 6.
+    first = [loader(smooth, rank=r, world_size=2, batch_size=2) for r in range(2)]
+    for shard in first:
+        run(shard, 1)
+    state = roundtrip(merge_states([shard.state_dict() for shard in first]))
+    expected = loader(smooth, batch_size=4)
+    expected.load_state_dict(state)
+    rest = run(expected, 8)
+    interrupted = loader(smooth, batch_size=4)
+    interrupted.load_state_dict(state)
+    head = run(interrupted, 5)  # to the epoch's end
+    resumed = loader(smooth, batch_size=4)
+    resumed.load_state_dict(roundtrip(interrupted.state_dict()))
+    assert_same(head + run(resumed, 3), rest)
+
+
+def test_a_val_pass_left_after_one_batch_leaves_the_next_pass_whole(coded):
+    # The trainer shows one val batch on W&B, then evaluates.
+    root, index = coded
+    val = loader(root, "val", batch_size=2)
+    whole = list(val)
+    assert sorted(c for images, _ in whole for c in codes(images)) == sorted(c for _, c in index["val"])
+    next(iter(val))
+    assert_same(list(val), whole)
