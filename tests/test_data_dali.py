@@ -4,6 +4,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from nvidia.dali import Pipeline
 from PIL import Image
 from torchvision.transforms import v2
 
@@ -258,6 +259,46 @@ def test_resume_needs_this_ranks_checkpoint(coded):
     run(rank0, 1)
     with pytest.raises(DataError, match="not for rank 1"):
         loader(root, rank=1, world_size=2).load_state_dict(rank0.state_dict())
+
+
+def test_one_train_and_one_val_pipeline_serve_every_epoch_and_evaluation(coded, monkeypatch):
+    # A new pipeline costs decoder set-up, allocations and an empty prefetch queue: paid once per loader, not per
+    # epoch or evaluation.
+    root, index = coded
+    built = []
+    build = Pipeline.build
+
+    def counting_build(pipe):
+        if all(pipe is not seen for seen in built):
+            built.append(pipe)
+        return build(pipe)
+
+    monkeypatch.setattr(Pipeline, "build", counting_build)
+    train = loader(root, batch_size=4)
+    epochs = [[c for images, _ in train for c in codes(images)] for _ in range(3)]
+    assert all(sorted(epoch) == sorted(code for _, code in index["train"]) for epoch in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert len(built) == 1
+    val = loader(root, "val", batch_size=2)
+    passes = [list(val) for _ in range(2)]
+    assert len(built) == 2
+    assert [len(p) for p in passes] == [len(val)] * 2 == [5, 5]  # 9 images: the last batch holds one
+    for (x, y), (ex, ey) in zip(*passes):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+
+
+def test_a_state_of_the_per_epoch_pipelines_resumes_at_its_position(coded):
+    # Saved before the loader kept one pipeline: its DALI checkpoint is another pipeline's, the samples go on.
+    root, _ = coded
+    expected = [codes(images) for images, _ in run(loader(root, batch_size=4), 6)]
+    first = loader(root, batch_size=4)
+    run(first, 2)
+    state = first.state_dict()
+    del state["dali_base"]
+    state["dali_first_batch"] = 0
+    resumed = loader(root, batch_size=4)
+    resumed.load_state_dict(roundtrip(state))
+    assert [codes(images) for images, _ in run(resumed, 4)] == expected[2:]
 
 
 def test_a_re_split_loader_saved_again_resumes_bitwise_across_the_epoch_end(smooth):
