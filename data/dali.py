@@ -73,7 +73,7 @@ def image_pipeline(source, cfg: DataConfig, train: bool, gpu: bool, channels_las
     and preprocesses them (`preprocess`)."""
     paths, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
                                        dtype=[types.UINT8, types.INT32])
-    jpegs = fn.io.file.read(paths)
+    jpegs = fn.io.file.read(paths, dont_use_mmap=not cfg.mmap)
     images = preprocess(jpegs, cfg, train, gpu, channels_last, dtype)
     return images, labels.gpu() if gpu else labels
 

@@ -326,3 +326,7 @@ def test_a_val_pass_left_after_one_batch_leaves_the_next_pass_whole(coded):
     assert sorted(c for images, _ in whole for c in codes(images)) == sorted(c for _, c in index["val"])
     next(iter(val))
     assert_same(list(val), whole)
+
+
+def test_plain_file_reads_give_the_same_batches(smooth):
+    assert_same(run(loader(smooth, mmap=False), 4), run(loader(smooth), 4))
