@@ -28,6 +28,13 @@ from data.sharding import derive_seed, train_batches, train_shard, val_shard
 
 # DALI has no bfloat16: such batches leave DALI as float32 and are cast by torch.
 _DALI_DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT}
+# The train decoder's nvJPEG and hardware-decoder buffers sized once for ImageNet's largest image, so that no later
+# batch reallocates them: the values of DALI's ResNet-50 example (docs/examples/use_cases/pytorch/resnet50/main.py;
+# DeepLearningExamples' ConvNets pass the same paddings). They cost 0.2 GB of device memory and 0.28 GB of pinned
+# host memory per decoding thread, so, as in both examples, the val decoder (idle between evaluations) keeps
+# DALI's defaults. Passed to the mixed decoder only (DALI 2.4's CPU decoders accept and ignore them).
+_GPU_TRAIN_DECODER_BUFFERS = {"device_memory_padding": 211025920, "host_memory_padding": 140544512,
+                              "preallocate_width_hint": 5980, "preallocate_height_hint": 6430}
 
 
 def _centre(extent, size: int):
@@ -45,7 +52,8 @@ def preprocess(jpegs, cfg: DataConfig, train: bool, gpu: bool, channels_last: bo
     if train:
         # Decodes only the sampled window (RandomResizedCrop's area/aspect draw), not the whole JPEG.
         images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=cfg.crop_area,
-                                               random_aspect_ratio=cfg.crop_aspect, num_attempts=10, **decoder)
+                                               random_aspect_ratio=cfg.crop_aspect, num_attempts=10, **decoder,
+                                               **(_GPU_TRAIN_DECODER_BUFFERS if gpu else {}))
         images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR)
         mirror = fn.random.coin_flip(probability=0.5)
         crop_pos = {}

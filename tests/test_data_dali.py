@@ -9,6 +9,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from data.config import SEED_MEAN, TORCHVISION_MEAN, TORCHVISION_STD, DataConfig
+from data.dali import image_pipeline
 from data.errors import DataError
 from data.loader import build_loader, merge_states
 from tests.helpers import code_colour, decode_code, make_coded, make_smooth
@@ -330,3 +331,11 @@ def test_a_val_pass_left_after_one_batch_leaves_the_next_pass_whole(coded):
 
 def test_plain_file_reads_give_the_same_batches(smooth):
     assert_same(run(loader(smooth, mmap=False), 4), run(loader(smooth), 4))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_the_gpu_pipeline_is_accepted_by_dali_without_a_gpu(train):
+    # DALI checks every operator argument (the mixed decoders' buffer sizes among them) when a pipeline is defined;
+    # only building it needs the GPU.
+    image_pipeline(source=lambda info: None, cfg=config("/nonexistent"), train=train, gpu=True, channels_last=True,
+                   dtype=torch.bfloat16, batch_size=2, num_threads=1, device_id=None)
