@@ -181,6 +181,19 @@ def test_resume_after_epochs_read_past_their_end_is_bitwise_identical(smooth):
     assert_same(list(resumed), expected[6:])
 
 
+@pytest.mark.parametrize("prefetch,threads", [(1, 2), (5, 1)])
+def test_resume_with_other_prefetch_and_threads_is_bitwise_identical(smooth, prefetch, threads):
+    # Both may change on resume (trainer.config.CHANGEABLE_ON_RESUME); the checkpoint is of what was consumed.
+    expected = run(loader(smooth, **RESUME), 9)
+    first = loader(smooth, **RESUME)
+    run(first, 4)
+    resumed = build_loader(DataConfig(root=smooth, image_size=32, val_resize=36, num_threads=threads,
+                                      prefetch=prefetch), "train", batch_size=4, rank=1, world_size=2, device=CPU,
+                           seed=0)
+    resumed.load_state_dict(roundtrip(first.state_dict()))
+    assert_same(run(resumed, 5), expected[4:])
+
+
 def test_a_resumed_loader_saved_again_resumes_bitwise(smooth):
     expected = run(loader(smooth, **RESUME), 12)
     first = loader(smooth, **RESUME)
