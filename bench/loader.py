@@ -3,6 +3,7 @@
     python -m bench.loader --make-images DIR --count 2000     # ImageNet-like JPEGs (about 500x375, quality 90)
     python -m bench.loader --root DIR [--json OUT] [--batches N] [--set prefetch=3 ...]
     python -m bench.loader --root DIR --screen [--cold]           # start-up cost: listing and screening train
+    python -m bench.loader --root DIR --stall [--epochs 4] [--step-ms 0]   # DALI: the wait at each epoch's start
 
 Each backend runs in its own subprocess (clean memory, its own worker processes), measured after one warm-up
 batch. The ceiling is the single-core full-decode rate (the faster of PIL and torchvision.io.decode_jpeg)
@@ -25,6 +26,13 @@ VARIANTS = {  # name -> DataConfig overrides
 }
 
 
+def _overrides(pairs) -> dict:
+    """--set KEY=VALUE pairs as DataConfig arguments, each value read as YAML (4, false, [1, 2])."""
+    import yaml
+
+    return {key: yaml.safe_load(value) for key, value in (pair.split("=", 1) for pair in pairs)}
+
+
 def _peak_rss_mib() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -38,10 +46,7 @@ def _measure(args) -> dict:
     from data.config import DataConfig
     from data.loader import build_loader
 
-    overrides = dict(VARIANTS[args.variant], **dict(kv.split("=", 1) for kv in args.set))
-    for key in ("prefetch", "num_threads", "image_size", "val_resize"):
-        if key in overrides:
-            overrides[key] = int(overrides[key])
+    overrides = dict(VARIANTS[args.variant], **_overrides(args.set))
     cfg = DataConfig(root=args.root, **{"num_threads": args.threads, **overrides})
     result = {}
     for split in ("train", "val"):
@@ -107,6 +112,75 @@ def screen_rate(root: str, cold: bool) -> dict:
             "screen_files_per_s": len(paths) / screening, "bad": len(bad), "cold": cold}
 
 
+def _waits(batches, step_s: float):
+    """Seconds spent in each next() of a pass over `batches`, and the pass's wall time; `step_s` of sleep before
+    each next() stands for a training step (or, before the first, the training since the last pass), the time
+    the loader has to prefetch."""
+    waits, batches, begin = [], iter(batches), time.perf_counter()
+    while True:
+        time.sleep(step_s)
+        start = time.perf_counter()
+        try:
+            next(batches)
+        except StopIteration:
+            return waits, start - begin
+        waits.append(time.perf_counter() - start)
+
+
+def stall(root: str, batch_size: int, threads: int, epochs: int, step_s: float, overrides: dict) -> dict:
+    """The DALI loader's wait for the first batch of each epoch and evaluation pass against its median batch wait:
+    "before" builds a fresh loader each time, as the loader did per epoch and evaluation until it kept one pipeline
+    of each (timed from iter(): listing and screening the files were never redone per epoch); "after" is one loader
+    crossing the epoch boundaries and running pass after pass."""
+    import statistics
+
+    import torch
+
+    from data.config import DataConfig
+    from data.folder import list_split
+    from data.loader import build_loader
+
+    for split in ("train", "val"):  # both sides read from the page cache
+        for path in list_split(root, split).paths():
+            with open(path, "rb") as f:
+                f.read()
+    cfg = DataConfig(root=root, backend="dali", num_threads=threads, **overrides)
+
+    def loader(split):
+        return build_loader(cfg, split, batch_size=batch_size, rank=0, world_size=1, device=torch.device("cpu"),
+                            seed=0)
+
+    result = {}
+    for split in ("train", "val"):
+        kept = loader(split)
+        after = [_waits(kept, step_s) for _ in range(epochs)]
+        before = [_waits(loader(split), step_s) for _ in range(epochs)]
+        images = epochs * (len(kept) * batch_size if split == "train" else kept.num_samples)
+        result[split] = {"batches": len(kept), "epochs": epochs, "step_s": step_s}
+        for name, runs in (("before", before), ("after", after)):
+            result[split][name] = {
+                # the first epoch's first batch builds the pipeline on both sides: not a boundary
+                "first_batch_s": statistics.median(waits[0] for waits, _ in runs[1:]),
+                "median_batch_s": statistics.median(x for waits, _ in runs for x in waits[1:]),
+                "img_per_s": images / sum(seconds for _, seconds in runs),
+            }
+    return result
+
+
+def _print_stall(r: dict):
+    for split, one, many in (("train", "epoch", "epochs"), ("val", "evaluation pass", "evaluation passes")):
+        s = r[split]
+        b, a = s["before"], s["after"]
+        print(f"DALI {split}: {s['batches']} batches per {one}, {s['epochs']} {many}, {s['step_s'] * 1000:.0f} ms step")
+        print(f"  {'':<44}{'before (new pipeline)':>22}{'after (kept)':>14}")
+        for label, key, scale in ((f"first batch of an {one} (median), ms", "first_batch_s", 1000),
+                                  ("median batch, ms", "median_batch_s", 1000),
+                                  (f"img/s over all {many}, step included", "img_per_s", 1)):
+            print(f"  {label:<44}{b[key] * scale:>22.1f}{a[key] * scale:>14.1f}")
+        print(f"  {'first / median batch':<44}{b['first_batch_s'] / b['median_batch_s']:>22.1f}"
+              f"{a['first_batch_s'] / a['median_batch_s']:>14.1f}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.loader", description=__doc__.splitlines()[0])
     parser.add_argument("--root", help="dataset root with train/ and val/")
@@ -120,6 +194,10 @@ def main(argv=None):
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--screen", action="store_true", help="measure listing and screening the train files")
     parser.add_argument("--cold", action="store_true", help="--screen with the files' pages dropped from the cache")
+    parser.add_argument("--stall", action="store_true",
+                        help="DALI: wait for each epoch's and evaluation pass's first batch, fresh vs kept pipeline")
+    parser.add_argument("--epochs", type=int, default=4, help="--stall: epochs and evaluation passes per side")
+    parser.add_argument("--step-ms", type=float, default=0.0, help="--stall: training step stood for by a sleep")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # the subprocess' own variant
     args = parser.parse_args(argv)
 
@@ -131,6 +209,13 @@ def main(argv=None):
         parser.error("--root (or --make-images) is required")
     if args.variant:
         print(json.dumps(_measure(args)))
+        return
+    if args.stall:
+        r = stall(args.root, args.batch_size, args.threads, args.epochs, args.step_ms / 1000, _overrides(args.set))
+        _print_stall(r)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(r, f, indent=2)
         return
     if args.screen:
         r = screen_rate(args.root, args.cold)

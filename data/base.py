@@ -17,7 +17,8 @@ class Loader:
 
     Subclasses set `backend` and implement `_train_epoch(epoch, start)` (an iterator over batches `start`.. of
     that epoch) and `_val_epoch()`; a backend with more state than the position adds it in
-    `_extra_state`/`_load_extra_state`. That extra state is per rank and is only restored onto the same split
+    `_extra_state`/`_load_extra_state`, saved at an epoch's end too (DALI's pipeline and its RNG states run on
+    across epochs). That extra state is per rank and is only restored onto the same split
     (world size and batch size); a state saved under another split continues from its global position
     (`load_state_dict`), and the backend then starts the rest of the epoch afresh from batch `start`.
 
@@ -136,8 +137,7 @@ class Loader:
                  "num_samples": self.num_samples, "batch_size": self.batch_size, "seed": self.seed,
                  "epoch": epoch, "batches_done": done,
                  "samples_done": done * self.batch_size * self.world_size}
-        if done:
-            state.update(self._extra_state())
+        state.update(self._extra_state())
         return state
 
     def load_state_dict(self, state: Dict[str, Any]):
@@ -165,5 +165,5 @@ class Loader:
         self._close_source()
         self._epoch = state["epoch"]
         self._done = state["samples_done"] // per_batch
-        if self._done and same_split:
+        if same_split:
             self._load_extra_state(state)

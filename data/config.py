@@ -53,6 +53,9 @@ class DataConfig:
     DALI), and a few already hide the decoding jitter."""
     hw_decoder_load: float = 0.65
     """Share of JPEG decoding sent to the A100/H100 hardware decoder (GPU decode only)."""
+    mmap: bool = True
+    """DALI maps each file into memory to read it; set false on network file systems (Lustre, GPFS, NFS), where
+    DALI's documentation says mapping brings no benefit, to read with plain file I/O."""
     file_list: Optional[str] = None
     """Optional verified list of train files (from data.verify --file-list); others are skipped."""
     torchvision_decoder: str = "pil"

@@ -1,28 +1,40 @@
 """DALI pipelines (one definition, decoding on the CPU or the GPU) and the resumable DALI loader.
 
-Each train epoch gets its own pipeline over this rank's slices of that epoch's global permutation (files= /
-labels=), seeded from (seed, rank, epoch): the order is a true per-epoch shuffle, and the pipeline's checkpoint
-(reader position + every RNG) is all that is needed to continue an epoch mid-way on the same ranks. A checkpoint
-cannot be re-split over other ranks: a loader restored under another world size or batch size instead starts a
-pipeline over its slices of the rest of the epoch, seeded from (seed, rank, epoch, first batch).
+A loader builds one train pipeline, and one val pipeline at its first evaluation, and keeps both: a new pipeline
+costs decoder start-up, allocations and an empty prefetch queue, paid again at every epoch and evaluation
+otherwise. A Python source hands DALI the paths and labels of each batch and DALI's threads read the files. The
+train source never ends: DALI's iteration i is the run's global batch `base + i`, i.e. batch g % len of epoch
+g // len, over this rank's slice of that epoch's global permutation (data/sharding.py), so prefetching runs on
+across epoch boundaries. The pipeline is seeded from (seed, rank); its checkpoint (iteration + every RNG) and
+`base` are all that is needed to continue on the same ranks, mid-epoch or at an epoch's end. A checkpoint cannot
+be re-split over other ranks: a loader restored under another world size or batch size instead starts a pipeline
+at its global position, seeded from (seed, rank, position).
 """
 import base64
+import os
 from functools import partial
-from typing import Any, Dict, Iterator, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
+import numpy as np
 import torch
 from nvidia.dali import fn, math, pipeline_def, types
-from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from data.base import Loader
 from data.config import DataConfig
 from data.errors import DataError
 from data.folder import ImageList
-from data.sharding import derive_seed, train_shard, val_shard
+from data.sharding import derive_seed, train_batches, train_shard, val_shard
 
-READER = "reader"
 # DALI has no bfloat16: such batches leave DALI as float32 and are cast by torch.
 _DALI_DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT}
+# The train decoder's nvJPEG and hardware-decoder buffers sized once for ImageNet's largest image, so that no later
+# batch reallocates them: the values of DALI's ResNet-50 example (docs/examples/use_cases/pytorch/resnet50/main.py;
+# DeepLearningExamples' ConvNets pass the same paddings). They cost 0.2 GB of device memory and 0.28 GB of pinned
+# host memory per decoding thread, so, as in both examples, the val decoder (idle between evaluations) keeps
+# DALI's defaults. Passed to the mixed decoder only (DALI 2.4's CPU decoders accept and ignore them).
+_GPU_TRAIN_DECODER_BUFFERS = {"device_memory_padding": 211025920, "host_memory_padding": 140544512,
+                              "preallocate_width_hint": 5980, "preallocate_height_hint": 6430}
 
 
 def _centre(extent, size: int):
@@ -40,7 +52,8 @@ def preprocess(jpegs, cfg: DataConfig, train: bool, gpu: bool, channels_last: bo
     if train:
         # Decodes only the sampled window (RandomResizedCrop's area/aspect draw), not the whole JPEG.
         images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=cfg.crop_area,
-                                               random_aspect_ratio=cfg.crop_aspect, num_attempts=10, **decoder)
+                                               random_aspect_ratio=cfg.crop_aspect, num_attempts=10, **decoder,
+                                               **(_GPU_TRAIN_DECODER_BUFFERS if gpu else {}))
         images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR)
         mirror = fn.random.coin_flip(probability=0.5)
         crop_pos = {}
@@ -62,12 +75,51 @@ def preprocess(jpegs, cfg: DataConfig, train: bool, gpu: bool, channels_last: bo
     )
 
 
-@pipeline_def(enable_checkpointing=True)
-def image_pipeline(files, labels, cfg: DataConfig, train: bool, gpu: bool, channels_last: bool, dtype: torch.dtype):
-    """Reads `files` in order and preprocesses them (`preprocess`)."""
-    jpegs, labels = fn.readers.file(files=files, labels=labels, name=READER, pad_last_batch=not train)
+@pipeline_def
+def image_pipeline(source, cfg: DataConfig, train: bool, gpu: bool, channels_last: bool, dtype: torch.dtype):
+    """Reads the files `source` names (called with a BatchInfo, it returns a batch of encoded paths and labels)
+    and preprocesses them (`preprocess`)."""
+    paths, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
+                                       dtype=[types.UINT8, types.INT32])
+    jpegs = fn.io.file.read(paths, dont_use_mmap=not cfg.mmap)
     images = preprocess(jpegs, cfg, train, gpu, channels_last, dtype)
     return images, labels.gpu() if gpu else labels
+
+
+def _files(paths: List[str], labels: np.ndarray, indices: np.ndarray):
+    return [np.frombuffer(os.fsencode(paths[i]), dtype=np.uint8) for i in indices], labels[indices]
+
+
+class _TrainFiles:
+    """The train pipeline's source: DALI's iteration i is the run's global batch `base + i`. A pipeline restored
+    from a checkpoint calls it on from the checkpoint's iteration (fn.external_source's documentation), so the
+    checkpoint and `base` place it. Holds the file list, never the loader (see Loader's docstring on cycles)."""
+
+    def __init__(self, paths: List[str], labels: np.ndarray, num_samples: int, batch_size: int, rank: int,
+                 world_size: int, seed: int, base: int):
+        self.paths, self.labels, self.base = paths, labels, base
+        self.shard = partial(train_shard, num_samples, batch_size, rank, world_size, seed)
+        self.batches, self.batch_size = train_batches(num_samples, batch_size, world_size), batch_size
+        self.epoch, self.order = None, None
+
+    def __call__(self, info: types.BatchInfo):
+        epoch, batch = divmod(self.base + info.iteration, self.batches)
+        if epoch != self.epoch:
+            self.epoch, self.order = epoch, self.shard(epoch)
+        return _files(self.paths, self.labels, self.order[batch * self.batch_size:(batch + 1) * self.batch_size])
+
+
+class _ValFiles:
+    """The val pipeline's source: this rank's val slice in batches, the last one shorter, then the pass's end."""
+
+    def __init__(self, paths: List[str], labels: np.ndarray, indices: Sequence[int], batch_size: int):
+        self.paths, self.labels, self.indices, self.batch_size = paths, labels, np.asarray(indices), batch_size
+
+    def __call__(self, info: types.BatchInfo):
+        indices = self.indices[info.iteration * self.batch_size:(info.iteration + 1) * self.batch_size]
+        if not len(indices):
+            raise StopIteration
+        return _files(self.paths, self.labels, indices)
 
 
 def _to_torch(channels_last: bool, dtype: torch.dtype, outputs):
@@ -78,6 +130,11 @@ def _to_torch(channels_last: bool, dtype: torch.dtype, outputs):
     if images.dtype != dtype:
         images = images.to(dtype)
     return images, batch["labels"].view(-1).to(torch.int64)
+
+
+def _take(iterator: DALIGenericIterator, count: int, to_torch) -> Iterator:
+    for _ in range(count):
+        yield to_torch(next(iterator))
 
 
 class DaliLoader(Loader):
@@ -93,28 +150,31 @@ class DaliLoader(Loader):
         self._to_torch = partial(_to_torch, channels_last, dtype)
         self._image_list = images
         self._paths = images.paths()
-        self._labels = images.labels
+        self._labels = np.asarray(images.labels, dtype=np.int32)
         # DALI raised a decoding error with the batch that holds the file in the tests (CPU); the batches it
         # prefetches are checked too, in case another executor reports it earlier.
         self._decoded_ahead = cfg.prefetch
         self._gpu = device.type == "cuda"
         self._device_id = (device.index if device.index is not None else torch.cuda.current_device()) \
             if self._gpu else None
-        self._iterator = None
-        self._restore = None
-        # The batch of the epoch the current pipeline's files begin at: 0, or where a re-split epoch resumed.
-        self._first_batch = 0
+        # The train pipeline, kept across epochs; it reads on from where the loader stands: the epoch's end
+        # closes the loader's source only after every batch of it was taken, and load_state_dict drops it.
+        self._train: Optional[DALIGenericIterator] = None
+        self._base = 0  # the global batch the train pipeline's iteration 0 reads
+        self._restore: Optional[bytes] = None  # a checkpoint to build the train pipeline from
+        self._val: Optional[DALIGenericIterator] = None
+        self._val_pass_open = False
 
-    def _build(self, indices, seed: int, train: bool, checkpoint=None) -> DALIGenericIterator:
+    def _iterator(self, source, train: bool, seed: int, checkpoint: Optional[bytes] = None) -> DALIGenericIterator:
         pipe = image_pipeline(
-            files=[self._paths[i] for i in indices], labels=[self._labels[i] for i in indices],
-            cfg=self.cfg, train=train, gpu=self._gpu, channels_last=self.channels_last, dtype=self.dtype,
-            batch_size=self.batch_size, num_threads=self.cfg.num_threads, device_id=self._device_id,
-            seed=seed, prefetch_queue_depth=self.cfg.prefetch, checkpoint=checkpoint,
+            source=source, cfg=self.cfg, train=train, gpu=self._gpu, channels_last=self.channels_last,
+            dtype=self.dtype, batch_size=self.batch_size, num_threads=self.cfg.num_threads,
+            device_id=self._device_id, seed=seed, prefetch_queue_depth=self.cfg.prefetch,
+            enable_checkpointing=train, checkpoint=checkpoint,
         )
-        # DROP never triggers for train (the shard is whole batches); PARTIAL trims val's padded last batch.
-        policy = LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL
-        return DALIGenericIterator([pipe], ["images", "labels"], reader_name=READER, last_batch_policy=policy)
+        # Without a reader the iterator runs until the source ends (val: the pass; train: never) and passes each
+        # batch as the source made it, val's shorter last one included. auto_reset readies the next pass at once.
+        return DALIGenericIterator([pipe], ["images", "labels"], auto_reset=not train)
 
     def _order(self, epoch: Optional[int]) -> Sequence[int]:
         if epoch is None:
@@ -122,38 +182,49 @@ class DaliLoader(Loader):
         return train_shard(self.num_samples, self.batch_size, self.rank, self.world_size, self.seed, epoch)
 
     def _train_epoch(self, epoch: int, start: int) -> Iterator:
-        checkpoint, self._restore = self._restore, None
-        # A checkpointed pipeline is rebuilt over the files it had; otherwise a new one begins at `start`.
-        first = self._first_batch if checkpoint is not None else start
-        self._first_batch = first
-        indices = train_shard(self.num_samples, self.batch_size, self.rank, self.world_size, self.seed, epoch, first)
-        seed = derive_seed(self.seed, self.rank, epoch, first) if first else derive_seed(self.seed, self.rank, epoch)
-        self._iterator = self._build(indices, seed, True, checkpoint)
-        return map(self._to_torch, self._iterator)
-
-    def _close_source(self):
-        super()._close_source()
-        self._iterator = None
+        if self._train is None:
+            checkpoint, self._restore = self._restore, None
+            if checkpoint is None:  # a new pipeline begins where the loader stands
+                self._base = epoch * len(self) + start
+            seed = derive_seed(self.seed, self.rank, self._base) if self._base else derive_seed(self.seed, self.rank)
+            files = _TrainFiles(self._paths, self._labels, self.num_samples, self.batch_size, self.rank,
+                                self.world_size, self.seed, self._base)
+            self._train = self._iterator(files, True, seed, checkpoint)
+        return _take(self._train, len(self) - start, self._to_torch)
 
     def _val_epoch(self) -> Iterator:
         indices = self._order(None)
         if not indices:
             return
-        yield from map(self._to_torch, self._build(indices, derive_seed(self.seed, self.rank), False))
+        if self._val is None or self._val_pass_open:
+            # A pass left before its end (the trainer shows one val batch on W&B) leaves DALI mid-epoch, where its
+            # iterator cannot be reset: a new pipeline starts the next pass.
+            files = _ValFiles(self._paths, self._labels, indices, self.batch_size)
+            self._val = self._iterator(files, False, derive_seed(self.seed, self.rank))
+        self._val_pass_open = True
+        yield from map(self._to_torch, self._val)
+        self._val_pass_open = False
+
+    def load_state_dict(self, state: Dict[str, Any]):
+        self._train, self._restore = None, None  # it read on from another position
+        super().load_state_dict(state)
 
     def _extra_state(self) -> Dict[str, Any]:
-        # The checkpoint is this rank's (reader position and RNG states differ per rank): the trainer saves one
-        # state per rank; loader.merge_states joins them for callers that keep a single dict.
-        # base64 keeps the protobuf bytes a plain str for torch.load(weights_only=True).
-        # Restored but not iterated since (a run resumed at its last step): the position is still the restored one.
-        raw = self._restore if self._iterator is None else self._iterator.checkpoints()[0]
-        if raw is None:  # restored under another split and not iterated since: there is only the position
+        # The checkpoint is this rank's (RNG states differ per rank): the trainer saves one state per rank;
+        # loader.merge_states joins them for callers that keep a single dict. base64 keeps the protobuf bytes a
+        # plain str for torch.load(weights_only=True). Restored but not iterated since (a run resumed at its last
+        # step): the checkpoint is still the restored one.
+        raw = self._restore if self._train is None else self._train.checkpoints()[0]
+        if raw is None:  # not iterated yet, or restored under another split since: there is only the position
             return {}
         return {"dali_checkpoints": {str(self.rank): base64.b64encode(raw).decode("ascii")},
-                "dali_first_batch": self._first_batch}
+                "dali_base": self._base}
 
     def _load_extra_state(self, state: Dict[str, Any]):
-        if "dali_checkpoints" not in state:  # see _extra_state: the pipeline starts afresh at the position
+        # Without dali_base: no checkpoint (see _extra_state), or one of a per-epoch pipeline over
+        # fn.readers.file (before this loader kept its pipelines), which this pipeline cannot restore. The
+        # pipeline then starts afresh at the position: the same samples, other augmentation draws.
+        if "dali_base" not in state:
             return
         checkpoints = state["dali_checkpoints"]
         if str(self.rank) not in checkpoints:
@@ -163,4 +234,4 @@ class DaliLoader(Loader):
                 f"(or from data.loader.merge_states of all)"
             )
         self._restore = base64.b64decode(checkpoints[str(self.rank)])
-        self._first_batch = state["dali_first_batch"]
+        self._base = state["dali_base"]

@@ -4,10 +4,12 @@ import io
 import numpy as np
 import pytest
 import torch
+from nvidia.dali import Pipeline
 from PIL import Image
 from torchvision.transforms import v2
 
 from data.config import SEED_MEAN, TORCHVISION_MEAN, TORCHVISION_STD, DataConfig
+from data.dali import image_pipeline
 from data.errors import DataError
 from data.loader import build_loader, merge_states
 from tests.helpers import code_colour, decode_code, make_coded, make_smooth
@@ -19,6 +21,13 @@ CPU = torch.device("cpu")
 def coded(tmp_path_factory):
     root = tmp_path_factory.mktemp("coded")
     return str(root), make_coded(str(root))
+
+
+@pytest.fixture(scope="module")
+def smooth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smooth")
+    make_smooth(str(root), per_class=8)  # 24 images a split
+    return str(root)
 
 
 def config(root, **overrides):
@@ -142,19 +151,59 @@ def roundtrip(state):
     return torch.load(buffer, weights_only=True)
 
 
-@pytest.mark.parametrize("stop", [2, 6, 8])  # mid-epoch 0, exactly at the epoch end, mid-epoch 1
-def test_resume_is_bitwise_identical(coded, stop):
-    root, _ = coded
-    options = {"batch_size": 4, "rank": 1, "world_size": 2, "prefetch": 3}  # 3 batches per epoch
-    expected = run(loader(root, **options), 12)
-    first = loader(root, **options)
-    head = run(first, stop)
-    for (x, y), (ex, ey) in zip(head, expected):
+def assert_same(batches, expected):
+    assert len(batches) == len(expected)
+    for (x, y), (ex, ey) in zip(batches, expected):
         assert torch.equal(x, ex) and torch.equal(y, ey)
-    resumed = loader(root, **options)
+
+
+# On the smooth images: a crop or a flip of a solid colour (the coded set) looks alike whatever the draw was.
+RESUME = {"batch_size": 4, "rank": 1, "world_size": 2, "prefetch": 3}  # 24 images: 3 batches per epoch
+
+
+@pytest.mark.parametrize("stop", [2, 3, 6, 8, 9])  # mid-epoch 0, at the end of epoch 0, of 1, mid-epoch 2, end of 2
+def test_resume_is_bitwise_identical(smooth, stop):
+    expected = run(loader(smooth, **RESUME), 12)
+    first = loader(smooth, **RESUME)
+    assert_same(run(first, stop), expected[:stop])
+    resumed = loader(smooth, **RESUME)
     resumed.load_state_dict(roundtrip(merge_states([first.state_dict()])))
-    for (x, y), (ex, ey) in zip(run(resumed, 12 - stop), expected[stop:]):
-        assert torch.equal(x, ex) and torch.equal(y, ey)
+    assert_same(run(resumed, 12 - stop), expected[stop:])
+
+
+def test_resume_after_epochs_read_past_their_end_is_bitwise_identical(smooth):
+    # As the trainer reads: each epoch's iterator runs out, so the loader has moved on to the next epoch.
+    expected = run(loader(smooth, **RESUME), 9)
+    first = loader(smooth, **RESUME)
+    assert_same(list(first) + list(first), expected[:6])
+    resumed = loader(smooth, **RESUME)
+    resumed.load_state_dict(roundtrip(first.state_dict()))
+    assert_same(list(resumed), expected[6:])
+
+
+@pytest.mark.parametrize("prefetch,threads", [(1, 2), (5, 1)])
+def test_resume_with_other_prefetch_and_threads_is_bitwise_identical(smooth, prefetch, threads):
+    # Both may change on resume (trainer.config.CHANGEABLE_ON_RESUME); the checkpoint is of what was consumed.
+    expected = run(loader(smooth, **RESUME), 9)
+    first = loader(smooth, **RESUME)
+    run(first, 4)
+    resumed = build_loader(DataConfig(root=smooth, image_size=32, val_resize=36, num_threads=threads,
+                                      prefetch=prefetch), "train", batch_size=4, rank=1, world_size=2, device=CPU,
+                           seed=0)
+    resumed.load_state_dict(roundtrip(first.state_dict()))
+    assert_same(run(resumed, 5), expected[4:])
+
+
+def test_a_resumed_loader_saved_again_resumes_bitwise(smooth):
+    expected = run(loader(smooth, **RESUME), 12)
+    first = loader(smooth, **RESUME)
+    run(first, 2)
+    second = loader(smooth, **RESUME)
+    second.load_state_dict(roundtrip(first.state_dict()))
+    assert_same(run(second, 5), expected[2:7])  # across two epoch ends
+    third = loader(smooth, **RESUME)
+    third.load_state_dict(roundtrip(second.state_dict()))
+    assert_same(run(third, 5), expected[7:])
 
 
 def test_a_restored_loader_saves_the_same_state_before_it_is_iterated(coded):
@@ -174,6 +223,14 @@ def test_yielded_batches_are_not_overwritten_later(coded):
     kept = batches[0][0].clone()
     run(loader(root, batch_size=4), 8)
     assert torch.equal(batches[0][0], kept)
+
+
+def test_batches_held_across_epochs_keep_their_pixels(smooth):
+    # One pipeline serves every epoch: the buffers of later batches must not reuse those of batches still held.
+    copying, holding = loader(smooth, batch_size=4), loader(smooth, batch_size=4)
+    copied = [(x.clone(), y.clone()) for _ in range(3) for x, y in copying]  # each dropped once copied
+    held = [batch for _ in range(3) for batch in holding]
+    assert_same(held, copied)
 
 
 def test_a_re_split_epoch_saved_again_mid_way_resumes_bitwise(coded):
@@ -216,3 +273,82 @@ def test_resume_needs_this_ranks_checkpoint(coded):
     run(rank0, 1)
     with pytest.raises(DataError, match="not for rank 1"):
         loader(root, rank=1, world_size=2).load_state_dict(rank0.state_dict())
+
+
+def test_one_train_and_one_val_pipeline_serve_every_epoch_and_evaluation(coded, monkeypatch):
+    # A new pipeline costs decoder set-up, allocations and an empty prefetch queue: paid once per loader, not per
+    # epoch or evaluation.
+    root, index = coded
+    built = []
+    build = Pipeline.build
+
+    def counting_build(pipe):
+        if all(pipe is not seen for seen in built):
+            built.append(pipe)
+        return build(pipe)
+
+    monkeypatch.setattr(Pipeline, "build", counting_build)
+    train = loader(root, batch_size=4)
+    epochs = [[c for images, _ in train for c in codes(images)] for _ in range(3)]
+    assert all(sorted(epoch) == sorted(code for _, code in index["train"]) for epoch in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert len(built) == 1
+    val = loader(root, "val", batch_size=2)
+    passes = [list(val) for _ in range(2)]
+    assert len(built) == 2
+    assert [len(p) for p in passes] == [len(val)] * 2 == [5, 5]  # 9 images: the last batch holds one
+    for (x, y), (ex, ey) in zip(*passes):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+
+
+def test_a_state_of_the_per_epoch_pipelines_resumes_at_its_position(coded):
+    # Saved before the loader kept one pipeline: its DALI checkpoint is another pipeline's, the samples go on.
+    root, _ = coded
+    expected = [codes(images) for images, _ in run(loader(root, batch_size=4), 6)]
+    first = loader(root, batch_size=4)
+    run(first, 2)
+    state = first.state_dict()
+    del state["dali_base"]
+    state["dali_first_batch"] = 0
+    resumed = loader(root, batch_size=4)
+    resumed.load_state_dict(roundtrip(state))
+    assert [codes(images) for images, _ in run(resumed, 4)] == expected[2:]
+
+
+def test_a_re_split_loader_saved_again_resumes_bitwise_across_the_epoch_end(smooth):
+    # 24 images: 2 ranks x batch 2 read 1 batch; 1 rank x batch 4 goes on from global batch 1 of 6.
+    first = [loader(smooth, rank=r, world_size=2, batch_size=2) for r in range(2)]
+    for shard in first:
+        run(shard, 1)
+    state = roundtrip(merge_states([shard.state_dict() for shard in first]))
+    expected = loader(smooth, batch_size=4)
+    expected.load_state_dict(state)
+    rest = run(expected, 8)
+    interrupted = loader(smooth, batch_size=4)
+    interrupted.load_state_dict(state)
+    head = run(interrupted, 5)  # to the epoch's end
+    resumed = loader(smooth, batch_size=4)
+    resumed.load_state_dict(roundtrip(interrupted.state_dict()))
+    assert_same(head + run(resumed, 3), rest)
+
+
+def test_a_val_pass_left_after_one_batch_leaves_the_next_pass_whole(coded):
+    # The trainer shows one val batch on W&B, then evaluates.
+    root, index = coded
+    val = loader(root, "val", batch_size=2)
+    whole = list(val)
+    assert sorted(c for images, _ in whole for c in codes(images)) == sorted(c for _, c in index["val"])
+    next(iter(val))
+    assert_same(list(val), whole)
+
+
+def test_plain_file_reads_give_the_same_batches(smooth):
+    assert_same(run(loader(smooth, mmap=False), 4), run(loader(smooth), 4))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_the_gpu_pipeline_is_accepted_by_dali_without_a_gpu(train):
+    # DALI checks every operator argument (the mixed decoders' buffer sizes among them) when a pipeline is defined;
+    # only building it needs the GPU.
+    image_pipeline(source=lambda info: None, cfg=config("/nonexistent"), train=train, gpu=True, channels_last=True,
+                   dtype=torch.bfloat16, batch_size=2, num_threads=1, device_id=None)
