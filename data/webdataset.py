@@ -26,12 +26,13 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from data.base import Loader
 from data.config import DataConfig
-from data.dali import READER, _to_torch, preprocess
+from data.dali import _to_torch, preprocess
 from data.errors import DataError
 from data.shard_format import LABEL_EXT, SplitShards, index_sample
 from data.sharding import derive_seed
 
 # Digits of the longest label a .cls may hold; 10**8 still fits the int32 sum below.
+READER = "shards"
 LABEL_DIGITS = 9
 _PLACE_VALUES = np.array([10 ** (LABEL_DIGITS - 1 - i) for i in range(LABEL_DIGITS)], dtype=np.int32)
 _INDEX_LINE = re.compile(r'index file at "([^"]+)" line (\d+)')
@@ -58,7 +59,7 @@ def shard_pipeline(shards: SplitShards, cfg: DataConfig, train: bool, gpu: bool,
     jpegs, cls = fn.readers.webdataset(
         paths=shards.tars, index_paths=shards.indexes, ext=["jpg;png", LABEL_EXT], missing_component_behavior="error",
         shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, stick_to_shard=not train,
-        random_shuffle=train, initial_fill=cfg.shuffle_buffer, name=READER)
+        random_shuffle=train, initial_fill=cfg.shuffle_buffer, dont_use_mmap=not cfg.mmap, name=READER)
     # The labels stay on the CPU, where _checked_batch looks at them for free.
     return preprocess(jpegs, cfg, train, gpu, channels_last, dtype), parse_label(cls)
 
@@ -183,14 +184,6 @@ class WebDatasetLoader(Loader):
             yield self._batch(outputs)
         self._val_at_start = True
 
-    def state_dict(self) -> Dict[str, Any]:
-        state = super().state_dict()
-        if not state["batches_done"]:
-            # Unlike a folder pipeline, the reader does not start afresh at an epoch's start: it goes on to its next
-            # shard slice with its shuffle buffer and RNGs as they are, so its checkpoint is kept here too.
-            state.update(self._extra_state())
-        return state
-
     def load_state_dict(self, state: Dict[str, Any]):
         same_split = (state.get("world_size"), state.get("batch_size")) == (self.world_size, self.batch_size)
         if not same_split and state.get("batches_done"):
@@ -202,10 +195,10 @@ class WebDatasetLoader(Loader):
                 f"and train.batch_size={state['batch_size']}, or from a checkpoint at an epoch's end (one is saved "
                 f"at every epoch's end); data.format=folder re-splits an epoch exactly")
         self._restore = None
-        super().load_state_dict(state)  # restores the checkpoint mid-epoch on the same split (_load_extra_state)
+        # Restores the checkpoint on the same split, at an epoch's start too: the reader does not start afresh
+        # there but goes on to its next shard slice with its shuffle buffer and RNGs as they are.
+        super().load_state_dict(state)
         self._iterator = None
-        if same_split and not self._done:  # an epoch's start has a checkpoint too (state_dict)
-            self._load_extra_state(state)
         if self._restore is None:
             self._first_epoch = self._epoch
 

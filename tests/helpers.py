@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from data.config import SEED_MEAN
 from trainer.plot import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,3 +204,27 @@ def wait_until_final(cluster, job_id, timeout_s):
         return job_fields(cluster, job_id)["JobState"] in FINAL_STATES
     wait_for(ended, timeout_s, f"job {job_id} to end", interval_s=1)
     return job_fields(cluster, job_id)
+
+
+def codes(images, mean=SEED_MEAN, std=None):
+    """The code of each sample of a batch of coded images, read from the red channel of its centre pixel."""
+    red = images[:, 0, images.shape[2] // 2, images.shape[3] // 2].float()
+    red = red * (std[0] if std else 1) + mean[0]
+    return [decode_code(r) for r in red.tolist()]
+
+
+def run(loader_, batches):
+    out, it = [], iter(loader_)
+    while len(out) < batches:
+        try:
+            out.append(next(it))
+        except StopIteration:
+            it = iter(loader_)
+    return out
+
+
+def roundtrip(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)

@@ -1,5 +1,4 @@
 """The DALI loader on the CPU, for real: preprocessing, sharding, exact evaluation and bitwise resume."""
-import io
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from data.config import SEED_MEAN, TORCHVISION_MEAN, TORCHVISION_STD, DataConfig
 from data.dali import image_pipeline
 from data.errors import DataError
 from data.loader import build_loader, merge_states
-from tests.helpers import code_colour, decode_code, make_coded, make_smooth
+from tests.helpers import code_colour, codes, make_coded, make_smooth, roundtrip, run
 
 CPU = torch.device("cpu")
 
@@ -38,13 +37,6 @@ def loader(root, split="train", batch_size=4, rank=0, world_size=1, seed=0, chan
            dtype=torch.float32, **overrides):
     return build_loader(config(root, **overrides), split, batch_size=batch_size, rank=rank,
                         world_size=world_size, device=CPU, seed=seed, channels_last=channels_last, dtype=dtype)
-
-
-def codes(images, mean=SEED_MEAN, std=None):
-    """The code of each sample of a batch of coded images, read from the red channel of its centre pixel."""
-    red = images[:, 0, images.shape[2] // 2, images.shape[3] // 2].float()
-    red = red * (std[0] if std else 1) + mean[0]
-    return [decode_code(r) for r in red.tolist()]
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
@@ -132,23 +124,6 @@ def test_val_is_exact_across_two_ranks(coded):
         assert len(batches) == len(val)
         samples += [(label, code) for images, labels in batches for label, code in zip(labels.tolist(), codes(images))]
     assert sorted(samples) == sorted(index["val"])  # 9 images over 2 ranks: each once, no padding
-
-
-def run(loader_, batches):
-    out, it = [], iter(loader_)
-    while len(out) < batches:
-        try:
-            out.append(next(it))
-        except StopIteration:
-            it = iter(loader_)
-    return out
-
-
-def roundtrip(state):
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 def assert_same(batches, expected):

@@ -15,8 +15,7 @@ from data.errors import ConfigError, DataError
 from data.loader import build_loader, merge_states
 from data.make_shards import make_shards, write_shard
 from data.webdataset import parse_label
-from tests.helpers import make_coded, run_trainer
-from tests.test_data_dali import codes, roundtrip, run
+from tests.helpers import codes, make_coded, roundtrip, run, run_trainer
 
 CPU = torch.device("cpu")
 

@@ -261,7 +261,7 @@ def load_config(config_file: Optional[Path], overrides: List[str], base: Optiona
 # optimizer, schedule and data order would quietly keep the old meaning while config.yaml claimed the new one.
 CHANGEABLE_ON_RESUME = (
     "run.", "monitor.", "checkpoint.", "distributed.", "data.root", "data.demo", "data.num_threads",
-    "data.prefetch", "data.hw_decoder_load", "train.max_steps", "train.threads", "train.stop_check_every",
+    "data.prefetch", "data.hw_decoder_load", "data.mmap", "train.max_steps", "train.threads", "train.stop_check_every",
     "train.eval_every_epochs", "train.max_nonfinite_steps", "train.compile", "train.cudnn_benchmark",
     "train.deterministic",
     "train.channels_last", "optim.lr",
