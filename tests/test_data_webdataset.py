@@ -56,6 +56,13 @@ def test_an_epoch_reads_what_the_folder_loader_reads(coded, world_size):
     assert Counter(ours) == Counter(folder) == Counter(index["train"])
 
 
+def test_plain_file_reads_give_the_same_batches(coded):
+    root, _ = coded
+    for split in ("train", "val"):
+        mapped, plain = run(loader(root / "shards", split), 3), run(loader(root / "shards", split, mmap=False), 3)
+        assert all(torch.equal(a, b) for batch, other in zip(mapped, plain) for a, b in zip(batch, other))
+
+
 def test_each_epoch_reads_in_another_order_and_each_rank_other_images(coded):
     root, _ = coded
     alone = loader(root / "shards")
