@@ -132,6 +132,18 @@ def _to_torch(channels_last: bool, dtype: torch.dtype, outputs):
     return images, batch["labels"].view(-1).to(torch.int64)
 
 
+def rank_checkpoint(state: Dict[str, Any], rank: int) -> bytes:
+    """This rank's pipeline checkpoint from a loader state's `dali_checkpoints` (one per rank, base64, so that the
+    protobuf bytes stay a plain str for torch.load(weights_only=True))."""
+    checkpoints = state["dali_checkpoints"]
+    if str(rank) not in checkpoints:
+        raise DataError(
+            f"the loader state holds DALI checkpoints for ranks {sorted(checkpoints, key=int)} but not for "
+            f"rank {rank}: restore each rank from its own saved state (or from data.loader.merge_states of all)"
+        )
+    return base64.b64decode(checkpoints[str(rank)])
+
+
 def _take(iterator: DALIGenericIterator, count: int, to_torch) -> Iterator:
     for _ in range(count):
         yield to_torch(next(iterator))
@@ -226,12 +238,5 @@ class DaliLoader(Loader):
         # pipeline then starts afresh at the position: the same samples, other augmentation draws.
         if "dali_base" not in state:
             return
-        checkpoints = state["dali_checkpoints"]
-        if str(self.rank) not in checkpoints:
-            raise DataError(
-                f"the loader state holds DALI checkpoints for ranks {sorted(checkpoints, key=int)} but not for "
-                f"rank {self.rank}: restore each rank from its own saved state "
-                f"(or from data.loader.merge_states of all)"
-            )
-        self._restore = base64.b64decode(checkpoints[str(self.rank)])
+        self._restore = rank_checkpoint(state, self.rank)
         self._base = state["dali_base"]

@@ -26,7 +26,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from data.base import Loader
 from data.config import DataConfig
-from data.dali import _to_torch, preprocess
+from data.dali import _to_torch, preprocess, rank_checkpoint
 from data.errors import DataError
 from data.shard_format import LABEL_EXT, SplitShards, index_sample
 from data.sharding import derive_seed
@@ -216,12 +216,5 @@ class WebDatasetLoader(Loader):
                 raise DataError(f"the loader state is {self._done} batches into epoch {self._epoch} but holds no "
                                 f"reader checkpoint: a fresh reader would not read the rest of that epoch")
             return
-        checkpoints = state["dali_checkpoints"]
-        if str(self.rank) not in checkpoints:
-            raise DataError(
-                f"the loader state holds DALI checkpoints for ranks {sorted(checkpoints, key=int)} but not for "
-                f"rank {self.rank}: restore each rank from its own saved state "
-                f"(or from data.loader.merge_states of all)"
-            )
-        self._restore = base64.b64decode(checkpoints[str(self.rank)])
+        self._restore = rank_checkpoint(state, self.rank)
         self._first_epoch = state["webdataset_first_epoch"]
