@@ -1,6 +1,7 @@
 """Input pipeline throughput: images/s of each backend's train and val loaders on the same JPEGs and CPU threads.
 
-    python -m bench.loader --make-images DIR --count 2000     # ImageNet-like JPEGs (about 500x375, quality 90)
+    python -m bench.loader --make-photos DIR --count 4000     # photographs (bench.photos): the published figures
+    python -m bench.loader --make-images DIR --count 2000     # generated ImageNet-like JPEGs (about 500x375, q90)
     python -m bench.loader --root DIR [--json OUT] [--batches N] [--set prefetch=3 ...]
     python -m bench.loader --root DIR --screen [--cold]           # start-up cost: listing and screening train
 
@@ -17,6 +18,7 @@ import sys
 import time
 
 from bench.images import CLASSES, make_images
+from bench.photos import make_photos
 
 VARIANTS = {  # name -> DataConfig overrides
     "dali": {"backend": "dali"},
@@ -110,7 +112,8 @@ def screen_rate(root: str, cold: bool) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.loader", description=__doc__.splitlines()[0])
     parser.add_argument("--root", help="dataset root with train/ and val/")
-    parser.add_argument("--make-images", metavar="DIR", help="write ImageNet-like JPEGs to DIR and exit")
+    parser.add_argument("--make-photos", metavar="DIR", help="write the photograph set (bench.photos) to DIR and exit")
+    parser.add_argument("--make-images", metavar="DIR", help="write generated ImageNet-like JPEGs to DIR and exit")
     parser.add_argument("--count", type=int, default=2000, help="train images to make (val gets a fifth)")
     parser.add_argument("--batches", type=int, default=20, help="batches measured per split")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -123,12 +126,18 @@ def main(argv=None):
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # the subprocess' own variant
     args = parser.parse_args(argv)
 
+    if args.make_photos:
+        stats = make_photos(args.make_photos, args.count)
+        print(f"wrote {stats['train']} train and {stats['val']} val JPEGs of {stats['classes']} photographs under "
+              f"{args.make_photos}: mean {stats['mean_width']:.0f}x{stats['mean_height']:.0f}, "
+              f"{stats['mean_kib']:.1f} KiB, {stats['bytes_per_pixel']:.2f} bytes/pixel")
+        return
     if args.make_images:
         make_images(args.make_images, args.count)
         print(f"wrote {args.count} train and {max(args.count // 5, CLASSES)} val JPEGs under {args.make_images}")
         return
     if not args.root:
-        parser.error("--root (or --make-images) is required")
+        parser.error("--root (or --make-photos, --make-images) is required")
     if args.variant:
         print(json.dumps(_measure(args)))
         return
