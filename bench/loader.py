@@ -2,17 +2,20 @@
 
     python -m bench.loader --make-photos DIR --count 4000     # photographs (bench.photos): the published figures
     python -m bench.loader --make-images DIR --count 2000     # generated ImageNet-like JPEGs (about 500x375, q90)
-    python -m bench.loader --root DIR [--json OUT] [--batches N] [--set prefetch=3 ...]
+    python -m bench.loader --root DIR [--json OUT] [--batches N] [--repeats R] [--set prefetch=3 ...]
     python -m bench.loader --root DIR --screen [--cold]           # start-up cost: listing and screening train
 
 Each backend runs in its own subprocess (clean memory, its own worker processes), measured after one warm-up
-batch. The ceiling is the single-core full-decode rate (the faster of PIL and torchvision.io.decode_jpeg)
-times the thread count. Figures only: nothing here asserts a speed.
+batch. With --repeats R the backends take turns R times and each figure is the median of its R runs; a ratio to
+torchvision-pil (the PyTorch reference) is taken within each round, so that load from other work moves both
+sides of it, then the median. The ceiling is the single-core full-decode rate (the faster of PIL and
+torchvision.io.decode_jpeg) times the thread count. Figures only: nothing here asserts a speed.
 """
 import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -25,6 +28,11 @@ VARIANTS = {  # name -> DataConfig overrides
     "torchvision-pil": {"backend": "torchvision", "torchvision_decoder": "pil"},
     "torchvision-tensor": {"backend": "torchvision", "torchvision_decoder": "tensor"},
 }
+REFERENCE = "torchvision-pil"
+
+# Storage format -> a function of the folder root giving the DataConfig overrides that read that format's copy
+# of the same images (writing the copy first where needed); the decode ceiling always reads the folder's files.
+FORMATS = {"folder": lambda root: {}}
 
 
 def _peak_rss_mib() -> float:
@@ -44,7 +52,7 @@ def _measure(args) -> dict:
     for key in ("prefetch", "num_threads", "image_size", "val_resize"):
         if key in overrides:
             overrides[key] = int(overrides[key])
-    cfg = DataConfig(root=args.root, **{"num_threads": args.threads, **overrides})
+    cfg = DataConfig(**{"root": args.root, "num_threads": args.threads, **overrides})
     result = {}
     for split in ("train", "val"):
         loader = build_loader(cfg, split, batch_size=args.batch_size, rank=0, world_size=1,
@@ -109,6 +117,69 @@ def screen_rate(root: str, cold: bool) -> dict:
             "screen_files_per_s": len(paths) / screening, "bad": len(bad), "cold": cold}
 
 
+def _label(fmt: str, variant: str) -> str:
+    return variant if fmt == "folder" else f"{variant} [{fmt}]"
+
+
+def _run(args, variant: str, overrides: list) -> dict:
+    command = [sys.executable, "-m", "bench.loader", "--root", args.root, "--variant", variant,
+               "--batches", str(args.batches), "--batch-size", str(args.batch_size),
+               "--threads", str(args.threads), "--set", *args.set, *overrides]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def compare(args) -> dict:
+    """Every (format, variant) once per round and the decode ceiling after them, for `args.repeats` rounds."""
+    overrides = {fmt: [f"{k}={v}" for k, v in FORMATS[fmt](args.root).items()] for fmt in args.formats}
+    rounds = []
+    for _ in range(args.repeats):
+        backends = {_label(fmt, variant): _run(args, variant, overrides[fmt])
+                    for fmt in args.formats for variant in args.variants}
+        rounds.append({"backends": backends, "ceiling": decode_ceiling(args.root, args.threads)})
+    return summarise(rounds, batch_size=args.batch_size, threads=args.threads, overrides=args.set)
+
+
+def summarise(rounds: list, **settings) -> dict:
+    """Medians over rounds; `vs_reference` is the median of each round's ratio to torchvision-pil on folders."""
+    backends = {}
+    for label in rounds[0]["backends"]:
+        runs = [r["backends"][label] for r in rounds]
+        backends[label] = {"peak_rss_mib": max(run["peak_rss_mib"] for run in runs)}
+        for split in ("train", "val"):
+            rates = [run[split]["img_per_s"] for run in runs]
+            figures = {"img_per_s": statistics.median(rates), "runs": rates}
+            if REFERENCE in rounds[0]["backends"]:
+                figures["vs_reference"] = statistics.median(
+                    run[split]["img_per_s"] / r["backends"][REFERENCE][split]["img_per_s"]
+                    for run, r in zip(runs, rounds))
+            backends[label][split] = figures
+    ceilings = [r["ceiling"] for r in rounds]
+    ceiling = {"img_per_s": statistics.median(c["img_per_s"] for c in ceilings), "threads": ceilings[0]["threads"],
+               "single_core": {k: statistics.median(c["single_core"][k] for c in ceilings)
+                               for k in ceilings[0]["single_core"]}}
+    return {"backends": backends, "ceiling": ceiling, "reference": REFERENCE, "repeats": len(rounds),
+            **settings, "rounds": rounds}
+
+
+def print_report(report: dict):
+    def ratio(figures):
+        return f"{figures['vs_reference']:>9.2f}x" if "vs_reference" in figures else f"{'':>10}"
+
+    ceiling = report["ceiling"]
+    print(f"{'backend':<28}{'train img/s':>12}{'vs pil':>10}{'val img/s':>12}{'vs pil':>10}{'train/ceiling':>15}"
+          f"{'peak RSS MiB':>14}")
+    for label, r in report["backends"].items():
+        share = r["train"]["img_per_s"] / ceiling["img_per_s"]
+        print(f"{label:<28}{r['train']['img_per_s']:>12.1f}{ratio(r['train'])}{r['val']['img_per_s']:>12.1f}"
+              f"{ratio(r['val'])}{share:>14.0%}{r['peak_rss_mib']:>14.0f}")
+    single = ", ".join(f"{k} {v:.1f}" for k, v in ceiling["single_core"].items())
+    print(f"{'decode ceiling':<28}{ceiling['img_per_s']:>12.1f}   (single core: {single} img/s; "
+          f"x {ceiling['threads']})")
+    if report["repeats"] > 1:
+        print(f"medians of {report['repeats']} rounds; 'vs pil': the median of each round's ratio to {REFERENCE}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.loader", description=__doc__.splitlines()[0])
     parser.add_argument("--root", help="dataset root with train/ and val/")
@@ -119,6 +190,9 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="DALI threads / DataLoader workers")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--formats", nargs="+", default=["folder"], choices=list(FORMATS),
+                        help="storage formats, each measured with every variant")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of all runs, taken in turn (medians)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="DataConfig overrides")
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--screen", action="store_true", help="measure listing and screening the train files")
@@ -148,27 +222,11 @@ def main(argv=None):
               f"{', file data not cached' if args.cold else ''}); {r['bad']} bad")
         return
 
-    results = {}
-    for variant in args.variants:
-        command = [sys.executable, "-m", "bench.loader", "--root", args.root, "--variant", variant,
-                   "--batches", str(args.batches), "--batch-size", str(args.batch_size),
-                   "--threads", str(args.threads), "--set", *args.set]
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results[variant] = json.loads(out.strip().splitlines()[-1])
-    ceiling = decode_ceiling(args.root, args.threads)
-
-    print(f"{'backend':<20}{'train img/s':>12}{'val img/s':>12}{'train/ceiling':>15}{'peak RSS MiB':>14}")
-    for variant, r in results.items():
-        share = r["train"]["img_per_s"] / ceiling["img_per_s"]
-        print(f"{variant:<20}{r['train']['img_per_s']:>12.1f}{r['val']['img_per_s']:>12.1f}{share:>14.0%}"
-              f"{r['peak_rss_mib']:>14.0f}")
-    single = ", ".join(f"{k} {v:.1f}" for k, v in ceiling["single_core"].items())
-    print(f"{'decode ceiling':<20}{ceiling['img_per_s']:>12.1f}   (single core: {single} img/s; x {args.threads})")
+    report = compare(args)
+    print_report(report)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"backends": results, "ceiling": ceiling, "batch_size": args.batch_size,
-                       "threads": args.threads, "overrides": args.set}, f, indent=2)
-
+            json.dump(report, f, indent=2)
 
 if __name__ == "__main__":
     main()

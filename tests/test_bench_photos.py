@@ -1,4 +1,4 @@
-"""bench.photos, the loader benchmark's photograph set."""
+"""bench.photos, the loader benchmark's photograph set, and how bench.loader sums up its rounds."""
 import io
 
 import numpy as np
@@ -56,3 +56,18 @@ def test_make_photos_command(tmp_path, capsys):
     bench_loader.main(["--make-photos", str(tmp_path), "--count", "9"])
     assert len(list((tmp_path / "train").rglob("*.JPEG"))) == 9
     assert "9 photographs" in capsys.readouterr().out
+
+
+def test_ratios_are_taken_within_each_round():
+    def run(train, val):
+        return {"train": {"img_per_s": train}, "val": {"img_per_s": val}, "peak_rss_mib": 1.0}
+
+    ceiling = {"img_per_s": 1000.0, "threads": 2, "single_core": {"pil": 500.0}}
+    # The second round ran on a machine twice as busy: both sides of the ratio halved.
+    rounds = [{"backends": {"dali": run(800, 600), "torchvision-pil": run(400, 400)}, "ceiling": ceiling},
+              {"backends": {"dali": run(400, 300), "torchvision-pil": run(200, 200)}, "ceiling": ceiling},
+              {"backends": {"dali": run(700, 600), "torchvision-pil": run(350, 300)}, "ceiling": ceiling}]
+    report = bench_loader.summarise(rounds, threads=2)
+    assert report["backends"]["dali"]["train"] == {"img_per_s": 700, "runs": [800, 400, 700], "vs_reference": 2.0}
+    assert report["backends"]["dali"]["val"]["vs_reference"] == 1.5
+    assert report["backends"]["torchvision-pil"]["train"]["vs_reference"] == 1.0
