@@ -41,6 +41,27 @@ def _peak_rss_mib() -> float:
     return (own + workers) / 1024
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its live descendants (the DataLoader's workers are children of a forkserver).
+    Other work on a shared machine halves images/s but barely moves this cost."""
+    parent, used = {}, {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        parent[int(entry.name)], used[int(entry.name)] = int(fields[1]), int(fields[11]) + int(fields[12])
+    tree, grown = {os.getpid()}, True
+    while grown:
+        children = {pid for pid, ppid in parent.items() if ppid in tree} - tree
+        tree |= children
+        grown = bool(children)
+    return sum(used.get(pid, 0) for pid in tree) / os.sysconf("SC_CLK_TCK")
+
+
 def _measure(args) -> dict:
     """Runs in the subprocess: one variant, train then val."""
     import torch
@@ -59,10 +80,11 @@ def _measure(args) -> dict:
                               device=torch.device("cpu"), seed=0)
         batches = iter(loader)
         next(batches)  # start-up (pipeline build, worker start) is not throughput
-        start, images = time.perf_counter(), 0
+        start, cpu, images = time.perf_counter(), _cpu_seconds(), 0
         for _ in range(min(args.batches, len(loader) - 1)):
             images += next(batches)[0].shape[0]
-        result[split] = {"img_per_s": images / (time.perf_counter() - start), "images": images}
+        result[split] = {"img_per_s": images / (time.perf_counter() - start),
+                         "cpu_ms_per_img": (_cpu_seconds() - cpu) * 1000 / images, "images": images}
     result["peak_rss_mib"] = _peak_rss_mib()
     return result
 
@@ -141,18 +163,21 @@ def compare(args) -> dict:
 
 
 def summarise(rounds: list, **settings) -> dict:
-    """Medians over rounds; `vs_reference` is the median of each round's ratio to torchvision-pil on folders."""
+    """Medians over rounds. `vs_reference`: the median of each round's images/s over torchvision-pil's (on folders);
+    `cpu_vs_reference`: the same for torchvision-pil's CPU time per image over this one's (> 1 is cheaper)."""
     backends = {}
     for label in rounds[0]["backends"]:
         runs = [r["backends"][label] for r in rounds]
         backends[label] = {"peak_rss_mib": max(run["peak_rss_mib"] for run in runs)}
         for split in ("train", "val"):
-            rates = [run[split]["img_per_s"] for run in runs]
-            figures = {"img_per_s": statistics.median(rates), "runs": rates}
+            rates, costs = [run[split]["img_per_s"] for run in runs], [run[split]["cpu_ms_per_img"] for run in runs]
+            figures = {"img_per_s": statistics.median(rates), "runs": rates,
+                       "cpu_ms_per_img": statistics.median(costs), "cpu_runs": costs}
             if REFERENCE in rounds[0]["backends"]:
-                figures["vs_reference"] = statistics.median(
-                    run[split]["img_per_s"] / r["backends"][REFERENCE][split]["img_per_s"]
-                    for run, r in zip(runs, rounds))
+                reference = [r["backends"][REFERENCE][split] for r in rounds]
+                figures["vs_reference"] = statistics.median(a / b["img_per_s"] for a, b in zip(rates, reference))
+                figures["cpu_vs_reference"] = statistics.median(b["cpu_ms_per_img"] / a
+                                                                for a, b in zip(costs, reference))
             backends[label][split] = figures
     ceilings = [r["ceiling"] for r in rounds]
     ceiling = {"img_per_s": statistics.median(c["img_per_s"] for c in ceilings), "threads": ceilings[0]["threads"],
@@ -163,21 +188,26 @@ def summarise(rounds: list, **settings) -> dict:
 
 
 def print_report(report: dict):
-    def ratio(figures):
-        return f"{figures['vs_reference']:>9.2f}x" if "vs_reference" in figures else f"{'':>10}"
+    def ratio(figures, key):
+        return f"{figures[key]:.2f}x" if key in figures else ""
 
     ceiling = report["ceiling"]
-    print(f"{'backend':<28}{'train img/s':>12}{'vs pil':>10}{'val img/s':>12}{'vs pil':>10}{'train/ceiling':>15}"
-          f"{'peak RSS MiB':>14}")
+    header = ["train img/s", "vs pil", "CPU ms/img", "vs pil", "val img/s", "vs pil", "CPU ms/img", "vs pil",
+              "train/ceil.", "RSS MiB"]
+    print(f"{'backend':<26}" + "".join(f"{h:>12}" for h in header))
     for label, r in report["backends"].items():
-        share = r["train"]["img_per_s"] / ceiling["img_per_s"]
-        print(f"{label:<28}{r['train']['img_per_s']:>12.1f}{ratio(r['train'])}{r['val']['img_per_s']:>12.1f}"
-              f"{ratio(r['val'])}{share:>14.0%}{r['peak_rss_mib']:>14.0f}")
+        cells = []
+        for figures in (r["train"], r["val"]):
+            cells += [f"{figures['img_per_s']:.1f}", ratio(figures, "vs_reference"), f"{figures['cpu_ms_per_img']:.2f}",
+                      ratio(figures, "cpu_vs_reference")]
+        cells += [f"{r['train']['img_per_s'] / ceiling['img_per_s']:.0%}", f"{r['peak_rss_mib']:.0f}"]
+        print(f"{label:<26}" + "".join(f"{c:>12}" for c in cells))
     single = ", ".join(f"{k} {v:.1f}" for k, v in ceiling["single_core"].items())
-    print(f"{'decode ceiling':<28}{ceiling['img_per_s']:>12.1f}   (single core: {single} img/s; "
+    print(f"{'decode ceiling':<26}{ceiling['img_per_s']:>12.1f}   (single core: {single} img/s; "
           f"x {ceiling['threads']})")
     if report["repeats"] > 1:
         print(f"medians of {report['repeats']} rounds; 'vs pil': the median of each round's ratio to {REFERENCE}")
+    print("CPU ms/img: the loader's process and its workers; 'vs pil' there is how many times cheaper")
 
 
 def main(argv=None):

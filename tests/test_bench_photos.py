@@ -1,7 +1,11 @@
 """bench.photos, the loader benchmark's photograph set, and how bench.loader sums up its rounds."""
 import io
+import os
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from bench import loader as bench_loader
@@ -60,7 +64,8 @@ def test_make_photos_command(tmp_path, capsys):
 
 def test_ratios_are_taken_within_each_round():
     def run(train, val):
-        return {"train": {"img_per_s": train}, "val": {"img_per_s": val}, "peak_rss_mib": 1.0}
+        return {"train": {"img_per_s": train, "cpu_ms_per_img": 2000 / train},
+                "val": {"img_per_s": val, "cpu_ms_per_img": 2000 / val}, "peak_rss_mib": 1.0}
 
     ceiling = {"img_per_s": 1000.0, "threads": 2, "single_core": {"pil": 500.0}}
     # The second round ran on a machine twice as busy: both sides of the ratio halved.
@@ -68,6 +73,22 @@ def test_ratios_are_taken_within_each_round():
               {"backends": {"dali": run(400, 300), "torchvision-pil": run(200, 200)}, "ceiling": ceiling},
               {"backends": {"dali": run(700, 600), "torchvision-pil": run(350, 300)}, "ceiling": ceiling}]
     report = bench_loader.summarise(rounds, threads=2)
-    assert report["backends"]["dali"]["train"] == {"img_per_s": 700, "runs": [800, 400, 700], "vs_reference": 2.0}
+    train = report["backends"]["dali"]["train"]
+    assert (train["img_per_s"], train["runs"], train["vs_reference"]) == (700, [800, 400, 700], 2.0)
+    assert train["cpu_ms_per_img"] == pytest.approx(2000 / 700) and train["cpu_vs_reference"] == pytest.approx(2.0)
     assert report["backends"]["dali"]["val"]["vs_reference"] == 1.5
     assert report["backends"]["torchvision-pil"]["train"]["vs_reference"] == 1.0
+
+
+def test_cpu_time_counts_descendants():
+    # A grandchild burns half a CPU second, as a DataLoader worker under the forkserver does, then waits.
+    burn = ("import time\nstart = time.process_time()\nwhile time.process_time() - start < 0.5:\n    pass\n"
+            "print(1, flush=True)\ninput()")
+    parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {burn!r}])"
+    child = subprocess.Popen([sys.executable, "-c", parent], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "1"
+        own = sum(os.times()[:2])
+        assert bench_loader._cpu_seconds() - own >= 0.45
+    finally:
+        child.communicate("\n", timeout=10)
