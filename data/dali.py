@@ -54,9 +54,9 @@ def preprocess(jpegs, cfg: DataConfig, train: bool, gpu: bool, channels_last: bo
         images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=cfg.crop_area,
                                                random_aspect_ratio=cfg.crop_aspect, num_attempts=10, **decoder,
                                                **(_GPU_TRAIN_DECODER_BUFFERS if gpu else {}))
-        images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR)
+        images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR,
+                           antialias=cfg.train_antialias)
         mirror = fn.random.coin_flip(probability=0.5)
-        crop_pos = {}
     else:
         images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
         # Matches torchvision's Resize(int) + CenterCrop to the pixel: the long side is floored (DALI's
@@ -65,12 +65,15 @@ def preprocess(jpegs, cfg: DataConfig, train: bool, gpu: bool, channels_last: bo
         height, width = shape[0], shape[1]
         shorter = math.min(height, width)
         out_height, out_width = height * cfg.val_resize // shorter, width * cfg.val_resize // shorter
-        images = fn.resize(images, resize_x=fn.cast(out_width, dtype=types.FLOAT),
-                           resize_y=fn.cast(out_height, dtype=types.FLOAT), interp_type=types.INTERP_LINEAR)
-        crop_pos = {"crop_pos_x": _centre(out_width, size), "crop_pos_y": _centre(out_height, size)}
+        # One fused op resizes only the centre window that is kept, not the whole image: 1.3x cheaper on
+        # photographs, and 0.008% of the values move by one level (docs/performance.md).
+        images = fn.resize_crop_mirror(
+            images, resize_x=fn.cast(out_width, dtype=types.FLOAT), resize_y=fn.cast(out_height, dtype=types.FLOAT),
+            interp_type=types.INTERP_LINEAR, crop=(size, size), crop_pos_x=_centre(out_width, size),
+            crop_pos_y=_centre(out_height, size))
         mirror = 0
     return fn.crop_mirror_normalize(
-        images, crop=(size, size), mirror=mirror, **crop_pos, mean=cfg.mean, std=cfg.std or [1.0, 1.0, 1.0],
+        images, mirror=mirror, mean=cfg.mean, std=cfg.std or [1.0, 1.0, 1.0],
         dtype=_DALI_DTYPES[dtype], output_layout="HWC" if channels_last else "CHW",
     )
 

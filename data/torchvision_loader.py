@@ -26,7 +26,8 @@ multiprocessing.set_forkserver_preload(["data.torchvision_loader"])
 
 def _transforms(cfg: DataConfig, train: bool) -> v2.Compose:
     if train:
-        geometry = [v2.RandomResizedCrop(cfg.image_size, scale=tuple(cfg.crop_area), ratio=tuple(cfg.crop_aspect)),
+        geometry = [v2.RandomResizedCrop(cfg.image_size, scale=tuple(cfg.crop_area), ratio=tuple(cfg.crop_aspect),
+                                         antialias=cfg.train_antialias),
                     v2.RandomHorizontalFlip()]
     else:
         geometry = [v2.Resize(cfg.val_resize), v2.CenterCrop(cfg.image_size)]

@@ -327,3 +327,13 @@ def test_the_gpu_pipeline_is_accepted_by_dali_without_a_gpu(train):
     # only building it needs the GPU.
     image_pipeline(source=lambda info: None, cfg=config("/nonexistent"), train=train, gpu=True, channels_last=True,
                    dtype=torch.bfloat16, batch_size=2, num_threads=1, device_id=None)
+
+
+def test_train_antialias_off_changes_only_the_training_crops(smooth):
+    """data.train_antialias=false resizes training crops without the antialiasing filter: other pixels from the same
+    draws; validation is not touched."""
+    on, off = run(loader(smooth), 2), run(loader(smooth, train_antialias=False), 2)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(on, off))  # the same samples
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(on, off))
+    val_on, val_off = run(loader(smooth, "val"), 1), run(loader(smooth, "val", train_antialias=False), 1)
+    assert torch.equal(val_on[0][0], val_off[0][0])
