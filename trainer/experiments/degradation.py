@@ -56,7 +56,7 @@ WHY_THESE_DEFAULTS = [
     "- Data: the demo's own dataset (10 classes at 56 px) is learnt to 97.6% by a ResNet-20 in six epochs "
     "(configs/demo.yaml); every net would end near zero training error, and depth could only show as speed. The "
     "small variant needs both a shape's outline and its fill at 32 px among more clutter: ResNet-20 still gets "
-    "13-15% of its training batches wrong at the end of this budget, which leaves room for depth to help or hurt.",
+    "12-15% of its training batches wrong at the end of this budget, which leaves room for depth to help or hurt.",
     "- Budget: four nets in about 30 minutes of a 2-core CPU, two at a time on one core each, is 8 epochs of the "
     "15,360 training images per net. A training step costs about 3.5 ms of CPU per image for ResNet-20 and "
     "9-10 ms for ResNet-56 (plain nets the same), at batch 32 as at 128.",
