@@ -300,6 +300,12 @@ def print_report(report: dict):
     print("CPU ms/img: the loader's process and its workers; 'vs pil' there is how many times cheaper")
 
 
+def _write_json(path, figures: dict):
+    if path:
+        with open(path, "w") as f:
+            json.dump(figures, f, indent=2)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.loader", description=__doc__.splitlines()[0])
     parser.add_argument("--root", help="dataset root with train/ and val/")
@@ -342,9 +348,7 @@ def main(argv=None):
     if args.stall:
         r = stall(args.root, args.batch_size, args.threads, args.epochs, args.step_ms / 1000, _overrides(args.set))
         _print_stall(r)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(r, f, indent=2)
+        _write_json(args.json, r)
         return
     if args.screen:
         r = screen_rate(args.root, args.cold)
@@ -355,9 +359,7 @@ def main(argv=None):
 
     report = compare(args)
     print_report(report)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    _write_json(args.json, report)
 
 
 if __name__ == "__main__":
