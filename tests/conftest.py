@@ -1,11 +1,34 @@
-"""Fixtures for every test: tiny demo-style datasets and the throwaway local Slurm. Plain helpers are in helpers.py."""
+"""Fixtures for every test: tiny demo-style datasets, the real image archives of ../shared/datasets/ and the
+throwaway local Slurm. Plain helpers are in helpers.py."""
+import tarfile
 from pathlib import Path
 
 import pytest
 
 from data.make_demo_dataset import DemoParams, make_demo_dataset
 from data.make_shards import make_shards
+from tests.helpers import shared_dataset
 from tests.slurm_cluster import LocalSlurm, missing_reason
+
+
+def _extract(archive: Path, out: Path) -> Path:
+    with tarfile.open(archive) as tar:
+        tar.extractall(out, filter="data")
+    return out
+
+
+@pytest.fixture(scope="session")
+def cifar10(tmp_path_factory) -> Path:
+    """Real CIFAR-10 in ImageNet layout (train/<class>/*.jpg: 5000 a class, val/: the 10000 test images), from
+    ../shared/datasets/cifar10-jpeg.tar; skipped where the archive is absent (a user's machine; CI has it)."""
+    return _extract(shared_dataset("cifar10-jpeg.tar"), tmp_path_factory.mktemp("cifar10")) / "cifar10"
+
+
+@pytest.fixture(scope="session")
+def imagenet_samples(tmp_path_factory) -> Path:
+    """One real ImageNet JPEG per class (val/<wnid>/*.JPEG, 1000 files, 23 of them grayscale), from
+    ../shared/datasets/imagenet-samples.tar; skipped where the archive is absent."""
+    return _extract(shared_dataset("imagenet-samples.tar"), tmp_path_factory.mktemp("imagenet")) / "imagenet-samples"
 
 
 @pytest.fixture(scope="session")

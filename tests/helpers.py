@@ -22,6 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 CLASSES = ("n01", "n02", "n03")
+# Real image archives for tests and benchmarks (their README says what they hold); never needed to install or run.
+SHARED_DATASETS = Path(os.environ.get("SHARED_DATASETS", ROOT.parent / "shared" / "datasets"))
+
+
+def shared_dataset(name: str) -> Path:
+    """The archive `name` of ../shared/datasets/ (or $SHARED_DATASETS), or the test is skipped saying why."""
+    path = SHARED_DATASETS / name
+    if not path.is_file():
+        pytest.skip(f"{path} is absent: the real-image tests need ../shared/datasets/ beside the checkout "
+                    "(CI has it), or SHARED_DATASETS=DIR")
+    return path
 
 
 def code_colour(code: int):
