@@ -10,6 +10,7 @@ TORCHVISION_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 BACKENDS = ("dali", "torchvision", "synthetic")
 FORMATS = ("folder", "webdataset")
 TORCHVISION_DECODERS = ("pil", "tensor")
+TRAIN_CROPS = ("random_resized", "pad_crop")
 MAX_IMAGE_SIZE = 4096
 MAX_VAL_RESIZE = 8192
 MAX_THREADS = 1024
@@ -37,6 +38,15 @@ class DataConfig:
     val_resize: int = 256
     """Validation: the shorter side is resized to this before the center crop. At most 8192 (twice the largest
     crop), for the same reason."""
+    train_crop: str = "random_resized"
+    """The training crop: random_resized (RandomResizedCrop to image_size: ImageNet's, with crop_area and
+    crop_aspect) or pad_crop (zero-pad by `pad` pixels on every side, then a random image_size window: He et al.'s
+    CIFAR augmentation, torchvision's RandomCrop(image_size, padding=pad)). Both flip at random; val is unchanged
+    (shorter side to val_resize, centre crop: set val_resize=image_size to test on the unpadded image)."""
+    pad: int = 4
+    """train_crop=pad_crop: zero pixels added on every side before the crop (the paper's 4). At most image_size.
+    An image smaller than image_size - 2 x pad is padded further on its right and bottom by DALI, and refused by
+    torchvision's RandomCrop."""
     crop_area: List[float] = field(default_factory=lambda: [0.08, 1.0])
     """RandomResizedCrop area range, as a fraction of the image."""
     crop_aspect: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
@@ -91,6 +101,10 @@ class DataConfig:
         if not self.image_size <= self.val_resize <= MAX_VAL_RESIZE:
             raise ConfigError("data.val_resize", f"must be in [data.image_size ({self.image_size}), "
                                                  f"{MAX_VAL_RESIZE}], got {self.val_resize}")
+        if self.train_crop not in TRAIN_CROPS:
+            raise ConfigError("data.train_crop", f"got {self.train_crop!r}; allowed: {', '.join(TRAIN_CROPS)}")
+        if not 0 <= self.pad <= self.image_size:
+            raise ConfigError("data.pad", f"must be in [0, data.image_size ({self.image_size})], got {self.pad}")
         for key, pair in (("data.crop_area", self.crop_area), ("data.crop_aspect", self.crop_aspect)):
             if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
                 raise ConfigError(key, f"must be [low, high] with 0 < low <= high, got {list(pair)}")

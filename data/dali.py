@@ -45,17 +45,36 @@ def _centre(extent, size: int):
     return fn.cast(first, dtype=types.FLOAT) / fn.cast(math.max(margin, 1), dtype=types.FLOAT)
 
 
+def _pad_crop(images, jpegs, cfg: DataConfig):
+    """torchvision's RandomCrop(image_size, padding=pad): a window of image_size at a uniform offset of the image
+    zero-padded by `pad` on every side (He et al.'s CIFAR augmentation), without building the padded copy."""
+    shape = fn.peek_image_shape(jpegs)
+    starts = []
+    for extent in (shape[0], shape[1]):
+        margin = math.max(fn.cast(extent, dtype=types.INT32) + (2 * cfg.pad - cfg.image_size), 0)
+        offset = math.floor(fn.random.uniform(range=[0.0, 1.0]) * fn.cast(margin + 1, dtype=types.FLOAT))
+        starts.append(fn.cast(offset, dtype=types.INT32) - cfg.pad)
+    return fn.slice(images, start=fn.stack(*starts), shape=[cfg.image_size, cfg.image_size], axis_names="HW",
+                    out_of_bounds_policy="pad", fill_values=0)
+
+
+def _train_crop(jpegs, cfg: DataConfig, decoder: dict):
+    decoder = {**decoder, **(_GPU_TRAIN_DECODER_BUFFERS if decoder["device"] == "mixed" else {})}
+    if cfg.train_crop == "pad_crop":
+        return _pad_crop(fn.decoders.image(jpegs, output_type=types.RGB, **decoder), jpegs, cfg)
+    # Decodes only the sampled window (RandomResizedCrop's area/aspect draw), not the whole JPEG.
+    images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=cfg.crop_area,
+                                           random_aspect_ratio=cfg.crop_aspect, num_attempts=10, **decoder)
+    return fn.resize(images, resize_x=cfg.image_size, resize_y=cfg.image_size, interp_type=types.INTERP_LINEAR,
+                     antialias=cfg.train_antialias)
+
+
 def preprocess(jpegs, cfg: DataConfig, train: bool, gpu: bool, channels_last: bool, dtype: torch.dtype):
     """Encoded images to normalized crops, whatever reader produced them; `gpu` switches the decoder to `mixed`."""
     decoder = {"device": "mixed", "hw_decoder_load": cfg.hw_decoder_load} if gpu else {"device": "cpu"}
     size = cfg.image_size
     if train:
-        # Decodes only the sampled window (RandomResizedCrop's area/aspect draw), not the whole JPEG.
-        images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=cfg.crop_area,
-                                               random_aspect_ratio=cfg.crop_aspect, num_attempts=10, **decoder,
-                                               **(_GPU_TRAIN_DECODER_BUFFERS if gpu else {}))
-        images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR,
-                           antialias=cfg.train_antialias)
+        images = _train_crop(jpegs, cfg, decoder)
         mirror = fn.random.coin_flip(probability=0.5)
     else:
         images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)

@@ -1,11 +1,12 @@
-"""The ImageNet folder layout: root/{train,val}/<wnid>/*.JPEG -> class names, file lists and labels."""
+"""The ImageNet folder layout: root/{train,val}/<wnid>/*.JPEG -> class names, file lists and labels. Lossless
+small-image sets (data.prepare_cifar's) come as .png files in the same layout."""
 import os
 from dataclasses import dataclass
 from typing import List, Optional
 
 from data.errors import DataError
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg")
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 SPLITS = ("train", "val")
 
 
@@ -81,7 +82,7 @@ def list_split(root: str, split: str, file_list: Optional[str] = None) -> ImageL
     for label, name in enumerate(classes):
         images = _images(os.path.join(split_dir, name))
         if not images:
-            raise DataError(f"{os.path.join(split_dir, name)} holds no .JPEG/.jpg/.jpeg images")
+            raise DataError(f"{os.path.join(split_dir, name)} holds no .JPEG/.jpg/.jpeg/.png images")
         files.extend(f"{name}/{image}" for image in images)
         labels.extend([label] * len(images))
 

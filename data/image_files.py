@@ -3,7 +3,8 @@ check data.verify runs, and the error that names the bad files. Both checks use 
 loader's errors and data.verify's report read alike.
 
 ImageNet itself ships a PNG named .JPEG, CMYK and grayscale JPEGs; copies get truncated or zeroed. Decoders differ
-in what they forgive (nvJPEG and DALI are stricter than PIL), so data.verify wants a complete baseline RGB JPEG.
+in what they forgive (nvJPEG and DALI are stricter than PIL), so data.verify wants a complete baseline RGB JPEG, or
+an RGB PNG named .png (lossless small images, such as data.prepare_cifar writes).
 """
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +62,8 @@ def check_file(path: Path) -> Tuple[str, str]:
         return (TRUNCATED if "truncated" in str(error).lower() else CORRUPT), str(error)
     except (ValueError, SyntaxError) as error:
         return CORRUPT, str(error)
+    if image_format == "PNG" and path.suffix.lower() == ".png":
+        return (OK, "") if mode == "RGB" else (OTHER_MODE, f"PNG {mode}")
     if image_format != "JPEG":
         return NOT_JPEG, f"{image_format} {mode}"
     if not _jpeg_has_eoi(data):

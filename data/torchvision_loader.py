@@ -25,7 +25,9 @@ multiprocessing.set_forkserver_preload(["data.torchvision_loader"])
 
 
 def _transforms(cfg: DataConfig, train: bool) -> v2.Compose:
-    if train:
+    if train and cfg.train_crop == "pad_crop":
+        geometry = [v2.RandomCrop(cfg.image_size, padding=cfg.pad, fill=0), v2.RandomHorizontalFlip()]
+    elif train:
         geometry = [v2.RandomResizedCrop(cfg.image_size, scale=tuple(cfg.crop_area), ratio=tuple(cfg.crop_aspect),
                                          antialias=cfg.train_antialias),
                     v2.RandomHorizontalFlip()]

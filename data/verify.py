@@ -60,11 +60,15 @@ def scan(root: Path, workers: int) -> List[FileCheck]:
 
 
 def fix_file(path: Path) -> None:
-    """Re-encode a decodable file as an RGB JPEG in place; the original is kept as path + BACKUP_SUFFIX."""
+    """Re-encode a decodable file as an RGB JPEG in place (an RGB PNG where it is named .png: lossless stays
+    lossless); the original is kept as path + BACKUP_SUFFIX."""
     with Image.open(path) as image:
         rgb = image.convert("RGB")
     temporary = path.with_name(path.name + ".tmp")
-    rgb.save(temporary, "JPEG", quality=FIXED_JPEG_QUALITY)
+    if path.suffix.lower() == ".png":
+        rgb.save(temporary, "PNG")
+    else:
+        rgb.save(temporary, "JPEG", quality=FIXED_JPEG_QUALITY)
     backup = path.with_name(path.name + BACKUP_SUFFIX)
     # A backup from an earlier run is the true original: keep it.
     if not backup.exists():

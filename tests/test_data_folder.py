@@ -20,10 +20,12 @@ def test_classes_are_sorted_folders_and_all_suffixes_count(root):
     os.rename(os.path.join(root, "train", "n03"), os.path.join(root, "train", "a00"))
     os.rename(os.path.join(root, "val", "n03"), os.path.join(root, "val", "a00"))
     open(os.path.join(root, "train", "n01", "notes.txt"), "w").close()
+    with open(os.path.join(root, "train", "n02", "lossless.png"), "wb") as f:
+        f.write(encoded(image_format="PNG"))
     images = list_split(root, "train")
     assert images.classes == ["a00", "n01", "n02"]
-    assert len(images) == 9 and images.labels == [0] * 3 + [1] * 3 + [2] * 3
-    assert {f.rsplit(".", 1)[1] for f in images.files} == {"JPEG", "jpg", "jpeg"}
+    assert len(images) == 10 and images.labels == [0] * 3 + [1] * 3 + [2] * 4
+    assert {f.rsplit(".", 1)[1] for f in images.files} == {"JPEG", "jpg", "jpeg", "png"}
     assert all(os.path.isfile(p) for p in images.paths())
 
 

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from torchvision.io import decode_jpeg
 
-from data.image_files import CMYK, GRAYSCALE, NOT_AN_IMAGE, NOT_JPEG, OK, TRUNCATED, ZERO_BYTE
+from data.image_files import CMYK, GRAYSCALE, NOT_AN_IMAGE, NOT_JPEG, OK, OTHER_MODE, TRUNCATED, ZERO_BYTE
 from data.verify import BACKUP_SUFFIX, main, scan
 
 
@@ -22,6 +22,7 @@ GOOD = {f"train/n01/n01_{i}.JPEG": _encode("RGB", seed=i) for i in range(3)}
 GOOD.update({f"train/n02/n02_{i}.JPEG": _encode("RGB", seed=10 + i) for i in range(3)})
 GOOD.update({f"val/n01/val_{i}.JPEG": _encode("RGB", seed=20 + i) for i in range(2)})
 GOOD["val/n02/val_3.JPEG"] = _encode("RGB", seed=23)
+GOOD["train/n02/n02_lossless.png"] = _encode("RGB", "PNG", seed=24)  # as data.prepare_cifar writes
 _complete = _encode("RGB", seed=30)
 BAD = {
     "train/n01/n01_zero.JPEG": (ZERO_BYTE, b""),
@@ -30,10 +31,11 @@ BAD = {
     "train/n02/n02_noeoi.JPEG": (TRUNCATED, _complete[:-2]),
     "train/n02/n02_text.JPEG": (NOT_AN_IMAGE, b"<html>404 Not Found</html>"),
     "train/n02/n02_png.JPEG": (NOT_JPEG, _encode("RGB", "PNG", seed=31)),
+    "train/n02/n02_rgba.png": (OTHER_MODE, _encode("RGBA", "PNG", seed=34)),
     "train/n01/n01_cmyk.JPEG": (CMYK, _encode("CMYK", seed=32)),
     "val/n02/val_gray.JPEG": (GRAYSCALE, _encode("L", seed=33)),
 }
-FIXABLE = {path for path, (kind, _) in BAD.items() if kind in (NOT_JPEG, CMYK, GRAYSCALE)}
+FIXABLE = {path for path, (kind, _) in BAD.items() if kind in (NOT_JPEG, CMYK, GRAYSCALE, OTHER_MODE)}
 
 
 @pytest.fixture
@@ -73,9 +75,10 @@ def test_fix_reencodes_the_decodable_and_lists_only_usable_train_files(dataset):
     for path in FIXABLE:
         data = (dataset / path).read_bytes()
         with Image.open(dataset / path) as image:
-            assert (image.format, image.mode) == ("JPEG", "RGB")
-        decoded = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-        assert decoded.shape[0] == 3
+            assert (image.format, image.mode) == ("PNG" if path.endswith(".png") else "JPEG", "RGB")
+        if not path.endswith(".png"):
+            decoded = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            assert decoded.shape[0] == 3
         assert (dataset / (path + BACKUP_SUFFIX)).read_bytes() == BAD[path][1]
     expected = [p.removeprefix("train/") for p in GOOD if p.startswith("train/")]
     expected += [p.removeprefix("train/") for p in FIXABLE if p.startswith("train/")]
