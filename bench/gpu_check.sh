@@ -2,7 +2,8 @@
 # Everything one GPU machine should show, in one run of at most 6 minutes: environment, DALI decode throughput with
 # and without the hardware JPEG decoder, ResNet-50 training images/s (synthetic vs DALI, eager vs torch.compile),
 # fp16/bf16 runs, a skipped non-finite fp16 step, host-sync-free steps, SyncBatchNorm, a bitwise checkpoint resume
-# and the trainer compiled with DDP. See docs/performance.md.
+# and the trainer compiled with DDP, on the real ImageNet samples of ../shared/datasets/imagenet-samples.tar where
+# that archive is (generated JPEGs otherwise). See docs/performance.md.
 #
 #   bench/gpu_check.sh OUT_DIR                one NVIDIA GPU; writes OUT_DIR/gpu_check.json, gpu_check.md, gpu_check.log
 #   bench/gpu_check.sh --cpu-smoke OUT_DIR    the same code at tiny sizes on the CPU (CUDA parts skipped)

@@ -2,6 +2,7 @@
 
     python -m bench.loader --make-photos DIR --count 4000     # photographs (bench.photos): the published figures
     python -m bench.loader --make-images DIR --count 2000     # generated ImageNet-like JPEGs (about 500x375, q90)
+    python -m bench.loader --make-imagenet DIR [--from TAR]   # the 1000 real ImageNet samples, train/ -> val/
     python -m bench.loader --root DIR [--json OUT] [--batches N] [--repeats R] [--set prefetch=3 ...]
     python -m bench.loader --root DIR --screen [--cold]           # start-up cost: listing and screening train
     python -m bench.loader --root DIR --stall [--epochs 4] [--step-ms 0]   # DALI: the wait at each epoch's start
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from bench.images import CLASSES, make_images
+from bench.images import CLASSES, SAMPLES_ARCHIVE, extract_samples, make_images
 from bench.photos import make_photos
 
 VARIANTS = {  # name -> DataConfig overrides
@@ -311,6 +312,10 @@ def main(argv=None):
     parser.add_argument("--root", help="dataset root with train/ and val/")
     parser.add_argument("--make-photos", metavar="DIR", help="write the photograph set (bench.photos) to DIR and exit")
     parser.add_argument("--make-images", metavar="DIR", help="write generated ImageNet-like JPEGs to DIR and exit")
+    parser.add_argument("--make-imagenet", metavar="DIR",
+                        help="extract the real ImageNet samples (val/, train/ symlinked to it) to DIR and exit")
+    parser.add_argument("--from", dest="source", metavar="TAR", default=str(SAMPLES_ARCHIVE),
+                        help="--make-imagenet: the imagenet-samples archive (default: %(default)s)")
     parser.add_argument("--count", type=int, default=2000, help="train images to make (val gets a fifth)")
     parser.add_argument("--batches", type=int, default=20, help="batches measured per split")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -340,8 +345,17 @@ def main(argv=None):
         make_images(args.make_images, args.count)
         print(f"wrote {args.count} train and {max(args.count // 5, CLASSES)} val JPEGs under {args.make_images}")
         return
+    if args.make_imagenet:
+        try:
+            stats = extract_samples(args.source, args.make_imagenet)
+        except (OSError, ValueError) as error:
+            sys.exit(f"error: {error}")
+        print(f"wrote {stats['val']} val JPEGs of {stats['classes']} classes ({stats['grayscale']} grayscale) and as "
+              f"many train symlinks to them under {args.make_imagenet}: mean {stats['mean_width']:.0f}x"
+              f"{stats['mean_height']:.0f}, {stats['mean_kib']:.1f} KiB, {stats['bytes_per_pixel']:.2f} bytes/pixel")
+        return
     if not args.root:
-        parser.error("--root (or --make-photos, --make-images) is required")
+        parser.error("--root (or --make-photos, --make-images, --make-imagenet) is required")
     if args.variant:
         print(json.dumps(_measure(args)))
         return

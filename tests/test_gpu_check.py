@@ -15,11 +15,14 @@ import pytest
 import torch
 
 from bench.gpu_check import context, step
+from bench.gpu_check import images as images_part
 from bench.gpu_check import run as gpu_check
 from bench.gpu_check.context import CheckFailed, Context
 from bench.gpu_check.images import check_images
+from bench.images import SAMPLES_ARCHIVE
 from data import dali
-from tests.helpers import ROOT
+from data.folder import list_split
+from tests.helpers import ROOT, shared_dataset
 from trainer.trainer import Trainer
 
 CPU_PARTS = {"env", "images", "loader", "train_synthetic", "train_dali", "bf16", "resume"}
@@ -58,6 +61,7 @@ def test_cpu_parts_carry_their_figures(smoke):
     parts = report["parts"]
     assert report["env"]["cuda_available"] is False and report["env"]["dali"]
     assert parts["images"]["train_images"] == 2 * parts["images"]["unique_train_images"]
+    assert parts["images"]["source"] == ("imagenet-samples" if SAMPLES_ARCHIVE.is_file() else "generated")
     (run,) = parts["loader"]["runs"]
     assert run["decoder"] == "cpu" and run["img_per_s"] > 0 and run["batches"] > 0
     for name, backend in (("train_synthetic", "synthetic"), ("train_dali", "dali")):
@@ -121,6 +125,19 @@ def test_the_time_boxes_fit_the_budget_and_the_budget_fits_the_hard_cap():
 @pytest.mark.parametrize("sizes", [context.GPU, context.CPU_SMOKE], ids=["gpu", "cpu-smoke"])
 def test_the_fp16_and_bf16_runs_stay_within_the_demo_sets_first_epoch(sizes):
     assert sizes.short_steps * sizes.short_batch <= sizes.demo.classes * sizes.demo.train_per_class
+
+
+REAL_SAMPLES = 1000
+
+
+@pytest.mark.parametrize("sizes", [context.GPU, context.CPU_SMOKE], ids=["gpu", "cpu-smoke"])
+@pytest.mark.parametrize("unique", ["generated", "imagenet-samples"])
+def test_one_epoch_of_the_images_outlasts_the_loader_and_throughput_measurements(sizes, unique):
+    # The real samples have 1000 classes of one file: on a GPU, fewer distinct images than the generator's 1024.
+    distinct = sizes.unique_images if unique == "generated" else min(sizes.unique_images, REAL_SAMPLES)
+    batches = distinct * sizes.copies // sizes.batch
+    assert batches >= sizes.loader_warmup + sizes.loader_batches
+    assert batches >= sizes.train_warmup + sizes.train_steps
 
 
 @pytest.fixture
@@ -194,6 +211,24 @@ def images_ctx(tmp_path_factory):
     ctx = Context("cpu-smoke", tmp_path_factory.mktemp("gpu_check_parts"))
     check_images(ctx)
     return ctx
+
+
+def test_the_images_part_hard_links_the_real_samples_where_the_archive_is(images_ctx):
+    shared_dataset("imagenet-samples.tar")  # skipped where absent
+    train, val = list_split(str(images_ctx.images), "train"), list_split(str(images_ctx.images), "val")
+    assert train.classes == val.classes and len(val) == len(val.classes) == context.CPU_SMOKE.unique_images
+    assert len(train) == context.CPU_SMOKE.copies * len(val)
+    # Links to the extracted files themselves: a link to train/'s relative symlink would point nowhere here.
+    val_files = {os.stat(path).st_ino for path in val.paths()}
+    assert all(not os.path.islink(path) and os.stat(path).st_ino in val_files for path in train.paths())
+
+
+def test_without_the_archive_the_images_part_generates_them_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(images_part, "SAMPLES_ARCHIVE", tmp_path / "absent" / "imagenet-samples.tar")
+    passed = check_images(Context("cpu-smoke", tmp_path / "work"))
+    assert passed.figures["source"] == "generated" and "generated (bench.images; no " in passed.headline
+    train = list_split(str(tmp_path / "work" / "images"), "train")
+    assert len(train.classes) == 10 and len(train) == passed.figures["train_images"] >= 2 * 40
 
 
 @pytest.mark.slow

@@ -41,9 +41,10 @@ class Sizes:
     image_size: int
     """Train crop side of the loader, throughput and resume parts."""
     unique_images: int
-    """Distinct generated train JPEGs (val gets about a fifth)."""
+    """Distinct train JPEGs: generated ones (val gets about a fifth), or the real samples of this many classes, one a
+    class (all 1000 on a GPU; val holds the same files)."""
     copies: int
-    """Hard links per train JPEG, so that one epoch outlasts every measurement without generating more images."""
+    """Hard links per train JPEG, so that one epoch outlasts every measurement without more distinct images."""
     loader_warmup: int
     """Loader part: batches before the clock starts (pipeline build, prefetch fill)."""
     loader_batches: int
@@ -128,7 +129,7 @@ class Context:
     mode: str
     """gpu or cpu-smoke."""
     work: Path
-    """Scratch folder shared by the parts: generated images, run directories."""
+    """Scratch folder shared by the parts: the images, run directories."""
     progress_file: Optional[Path] = None
     """Where the part notes how far it got, for the runner to read if it has to kill it."""
 

@@ -6,10 +6,11 @@ torch.compile; fp16 + GradScaler and bf16 runs whose loss must come down; a non-
 skipped and leave the model bit for bit as it was; train steps that must not make the host wait for the GPU;
 SyncBatchNorm across two ranks and an NCCL DDP step; a deterministic checkpoint resume that must match an
 uninterrupted run bit for bit, with a checkpoint of CPU tensors; the trainer compiled with DDP. Each part runs in
-its own process within its time box, on JPEGs generated at the start. Writes OUT_DIR/gpu_check.json (every part's
-status and figures, the targets), gpu_check.md (the same as a table) and gpu_check.log, after every part; exits 1
-if any part failed. Parts the budget or the hard cap cut are `skipped`, not failed. Targets are reported, not
-enforced.
+its own process within its time box, on the real ImageNet samples of ../shared/datasets/imagenet-samples.tar
+(beside the repository) where that archive is, else on JPEGs generated at the start: the images part says which.
+Writes OUT_DIR/gpu_check.json (every part's status and figures, the targets), gpu_check.md (the same as a table)
+and gpu_check.log, after every part; exits 1 if any part failed. Parts the budget or the hard cap cut are
+`skipped`, not failed. Targets are reported, not enforced.
 
 `--cpu-smoke` runs the same code at tiny sizes on the CPU (DALI CPU, ResNet-20); parts that need CUDA are
 skipped. This module only imports the standard library, so that a missing package is reported, not a traceback.
@@ -63,7 +64,8 @@ class Part:
 # the budget, so the parts before the compiles cannot use the compiles' time, and the script ends within its cap.
 PARTS = (
     Part("env", 15, "GPU, driver, CUDA, cuDNN, NCCL, torch, DALI versions", "bench.gpu_check.env:check_env"),
-    Part("images", 20, "ImageNet-like JPEGs (bench.images' generator) hard-linked into a big split; demo set",
+    Part("images", 20, "the real ImageNet samples (../shared/datasets/) or generated JPEGs (bench.images), "
+         "hard-linked into a big split; demo set",
          "bench.gpu_check.images:check_images"),
     Part("loader", 20, "DALI train pipeline alone, images/s per hw_decoder_load",
          "bench.gpu_check.throughput:check_loader", needs_images=True),
@@ -278,7 +280,7 @@ def main(argv=None) -> int:
                 elif parts.get("env", {}).get("status") == "fail":
                     parts[part.name] = {"status": "fail", "reason": "the environment check failed"}
                 elif part.needs_images and parts.get("images", {}).get("status") != "pass":
-                    parts[part.name] = {"status": "fail", "reason": "needs the generated images (part images)"}
+                    parts[part.name] = {"status": "fail", "reason": "needs the images (part images)"}
                 elif left < MIN_START_S:
                     parts[part.name] = {"status": "skipped", "reason": f"not started: the {args.budget_s:.0f} s "
                                         f"budget was spent"}
