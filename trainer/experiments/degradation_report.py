@@ -136,6 +136,8 @@ class Context:
     quick: bool
     defaults: bool
     """Generated data and the default budget: the page then says why they are what they are."""
+    cifar: bool = False
+    """Real CIFAR-10 with the paper's pad-and-crop augmentation, not the generated 40-px images."""
 
     def write(self, folder: Path) -> None:
         (folder / CONTEXT_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=1))
@@ -237,6 +239,16 @@ def _seed_content() -> List[str]:
     ]
 
 
+_WINDOW_AUGMENTATION = (
+    "a random 32x32 window of the 40x40 image (shifts of up to 4 px, the nearest the loader comes to the paper's "
+    "4-px padding and random crop: `data.crop_area=[0.64,0.64]`, `data.crop_aspect=[1,1]`) and a horizontal flip; "
+    "test: the central 32x32 window. Mean subtraction only.")
+_CIFAR_AUGMENTATION = (
+    "the paper's: 4 zero pixels padded on every side, a random 32x32 crop and a horizontal flip "
+    "(`data.train_crop=pad_crop`, `data.pad=4`); test: the unpadded 32x32 image. CIFAR-10's per-channel mean "
+    "subtracted (the paper's is per pixel), no division.")
+
+
 def markdown(runs: Dict[str, Run], context: Context, figure: str, why: Optional[List[str]] = None) -> str:
     date = datetime.datetime.fromtimestamp(context.started, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     (before, after) = context.load
@@ -275,10 +287,9 @@ def markdown(runs: Dict[str, Run], context: Context, figure: str, why: Optional[
         f"({context.epochs} epochs), momentum 0.9, weight decay 1e-4 on conv and linear weights (not on BN, this "
         f"trainer's default), lr {0.1 * context.batch_size / 128:g} (the paper's 0.1 per 128 images, scaled "
         "linearly to the batch) divided by 10 at 1/2 and 3/4 of the iterations (the paper: 32k and 48k of "
-        "64k), no warmup, BN, no dropout, cross-entropy without label smoothing, fp32. Augmentation: a random "
-        "32x32 window of the 40x40 image (shifts of up to 4 px, the nearest the loader comes to the paper's 4-px "
-        "padding and random crop: `data.crop_area=[0.64,0.64]`, `data.crop_aspect=[1,1]`) and a horizontal flip; "
-        "test: the central 32x32 window. Mean subtraction only. Option A shortcuts, as the paper's CIFAR nets.",
+        "64k), no warmup, BN, no dropout, cross-entropy without label smoothing, fp32. Augmentation: "
+        + (_CIFAR_AUGMENTATION if context.cifar else _WINDOW_AUGMENTATION)
+        + " Option A shortcuts, as the paper's CIFAR nets.",
         "",
         *(why or []),
         *_seed_content(),
