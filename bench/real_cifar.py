@@ -81,8 +81,8 @@ def run_plain(root: Path, out: Path, nproc: int, epochs: int) -> dict:
     return {**result, **json.loads(printed[-1])}
 
 
-def report(results: dict, epochs: int, nproc: int) -> str:
-    images = 50_000 * epochs  # CIFAR-10's train split; the per-image CPU cost includes the final evaluation
+def report(results: dict, epochs: int, nproc: int, images: int) -> str:
+    """`images`: those trained on; the CPU cost per image includes the evaluation."""
     lines = [f"real CIFAR-10, ResNet-20, {epochs} epochs, {nproc} processes",
              f"{'run':<10} {'val top-1':>10} {'train img/s':>12} {'wall s':>8} {'CPU s':>8} {'CPU ms/img':>11}"]
     for name, r in results.items():
@@ -109,12 +109,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="service overrides after the preset")
     args = parser.parse_args(argv)
+    if args.nproc < 1 or 128 % args.nproc:
+        parser.error(f"--nproc must divide the global batch of 128, got {args.nproc}")
     out = args.out or Path(tempfile.mkdtemp(prefix="real_cifar-"))
     if (out / "service").exists():
         parser.error(f"--out {out} already holds a run: give a new folder (a rerun would resume it, not train)")
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="cifar10-") as scratch:
         root = dataset_root(args.root, Path(scratch))
+        train_images = sum(len(files) for _, _, files in os.walk(root / "train"))
+        images = args.epochs * (train_images // 128) * 128  # both drop the last partial global batch
         print(f"data {root}, logs in {out}", flush=True)
         per_rank = 128 // args.nproc
         runs = {"service": lambda: run_service(root, out, args.nproc, args.epochs,
@@ -126,7 +130,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 results[name] = run()
                 print(f"{name}: val top-1 {results[name]['val_top1']:.2f}%, {results[name]['img_per_s']:.1f} "
                       f"img/s", flush=True)
-    print(report(results, args.epochs, args.nproc))
+    print(report(results, args.epochs, args.nproc, images))
     if args.json:
         args.json.write_text(json.dumps({"epochs": args.epochs, "nproc": args.nproc, **results}, indent=2) + "\n")
     return 0

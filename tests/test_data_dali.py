@@ -321,12 +321,12 @@ def test_plain_file_reads_give_the_same_batches(smooth):
     assert_same(run(loader(smooth, mmap=False), 4), run(loader(smooth), 4))
 
 
-@pytest.mark.parametrize("train", [True, False])
-def test_the_gpu_pipeline_is_accepted_by_dali_without_a_gpu(train):
+@pytest.mark.parametrize("train,crop", [(True, "random_resized"), (True, "pad_crop"), (False, "random_resized")])
+def test_the_gpu_pipeline_is_accepted_by_dali_without_a_gpu(train, crop):
     # DALI checks every operator argument (the mixed decoders' buffer sizes among them) when a pipeline is defined;
     # only building it needs the GPU.
-    image_pipeline(source=lambda info: None, cfg=config("/nonexistent"), train=train, gpu=True, channels_last=True,
-                   dtype=torch.bfloat16, batch_size=2, num_threads=1, device_id=None)
+    image_pipeline(source=lambda info: None, cfg=config("/nonexistent", train_crop=crop), train=train, gpu=True,
+                   channels_last=True, dtype=torch.bfloat16, batch_size=2, num_threads=1, device_id=None)
 
 
 def test_train_antialias_off_changes_only_the_training_crops(smooth):
