@@ -17,30 +17,19 @@ import re
 import resource
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional
 
+from data.errors import DataError
+from data.folder import layout_root
 from trainer.plot import read_metrics
 
 PRESET = "configs/resnet_cifar10_cpu.yaml"
 # The issue's figures (docs/real_cifar.md): what the service must reach after 2 epochs at global batch 128 on
 # 2 processes, and how much faster than the plain loop it must stay.
 TARGET_TOP1, TARGET_SPEEDUP = 70.2, 1.1
-
-
-def dataset_root(root: Path, scratch: Path) -> Path:
-    """The folder holding train/ and val/: `root` itself, or the one its archive extracts to."""
-    if root.is_file():
-        with tarfile.open(root) as archive:
-            archive.extractall(scratch, filter="data")
-        root = scratch
-    found = sorted({p.parent for p in root.glob("**/train") if (p.parent / "val").is_dir()})
-    if not found:
-        raise SystemExit(f"error: {root} holds no folder with train/ and val/ (CIFAR-10 in ImageNet layout)")
-    return found[0]
 
 
 def _children_cpu_s() -> float:
@@ -116,7 +105,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--out {out} already holds a run: give a new folder (a rerun would resume it, not train)")
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="cifar10-") as scratch:
-        root = dataset_root(args.root, Path(scratch))
+        try:
+            root = layout_root(args.root, Path(scratch) / "data")
+        except DataError as e:
+            print(f"error: --root: {e}", file=sys.stderr)
+            return 1
         train_images = sum(len(files) for _, _, files in os.walk(root / "train"))
         images = args.epochs * (train_images // 128) * 128  # both drop the last partial global batch
         print(f"data {root}, logs in {out}", flush=True)

@@ -1,7 +1,9 @@
 """The ImageNet folder layout: root/{train,val}/<wnid>/*.JPEG -> class names, file lists and labels. Lossless
 small-image sets (data.prepare_cifar's) come as .png files in the same layout."""
 import os
+import tarfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Optional
 
 from data.errors import DataError
@@ -101,3 +103,20 @@ def list_split(root: str, split: str, file_list: Optional[str] = None) -> ImageL
         files = [files[i] for i in chosen]
         labels = [labels[i] for i in chosen]
     return ImageList(split_dir=split_dir, classes=classes, files=files, labels=labels)
+
+
+def layout_root(path: Path, scratch: Path) -> Path:
+    """The first folder at or under `path` with train/ and val/; a tar `path` is extracted to `scratch` first (once:
+    into scratch.partial, renamed when complete, so a rerun reuses it). For datasets handed over as an archive,
+    such as ../shared/datasets/cifar10-jpeg.tar."""
+    if path.is_file():
+        if not scratch.is_dir():
+            partial = scratch.with_name(scratch.name + ".partial")
+            with tarfile.open(path) as archive:
+                archive.extractall(partial, filter="data")
+            partial.rename(scratch)
+        path = scratch
+    found = sorted(p.parent for p in path.glob("**/train") if (p.parent / "val").is_dir())
+    if not found:
+        raise DataError(f"{path} holds no folder with train/ and val/ (the ImageNet layout)")
+    return found[0]

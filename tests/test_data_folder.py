@@ -1,11 +1,12 @@
 """The folder layout (class order, suffixes, file lists, errors that name the path at fault) and the screen of
 its files."""
 import os
+import tarfile
 
 import pytest
 
 from data.errors import DataError
-from data.folder import list_split
+from data.folder import layout_root, list_split
 from data.image_files import NOT_AN_IMAGE, NOT_JPEG, SCREEN_CHUNK, UNREADABLE, ZERO_BYTE, bad_files_error, screen
 from tests.helpers import CLASSES, encoded, make_coded
 
@@ -108,3 +109,15 @@ def test_bad_files_error_names_at_most_ten_and_tells_what_to_run(tmp_path):
     assert f"python -m data.verify {tmp_path} --fix --file-list {tmp_path}/train_files.txt`" in message
     message = str(bad_files_error("1 bad", bad[:1], str(tmp_path / "val")))
     assert f"python -m data.verify {tmp_path} --fix`" in message and f"move the others out of {tmp_path}/val" in message
+
+
+def test_layout_root_takes_a_folder_or_its_archive(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / "src" / "cifar10" / split / "cat").mkdir(parents=True)
+    assert layout_root(tmp_path / "src", tmp_path / "x") == tmp_path / "src" / "cifar10"
+    with tarfile.open(tmp_path / "c.tar", "w") as archive:
+        archive.add(tmp_path / "src" / "cifar10", arcname="cifar10")
+    assert layout_root(tmp_path / "c.tar", tmp_path / "data") == tmp_path / "data" / "cifar10"
+    assert not (tmp_path / "data.partial").exists()
+    with pytest.raises(DataError, match="no folder with train/ and val/"):
+        layout_root(tmp_path / "src" / "cifar10" / "train", tmp_path / "y")

@@ -1,7 +1,6 @@
 """The degradation experiment: its recipe, its verdicts on made-up curves, and `--quick` end to end."""
 import subprocess
 import sys
-import tarfile
 
 import pytest
 
@@ -37,17 +36,6 @@ def test_on_real_cifar10_the_recipe_takes_the_papers_pad_and_crop(tmp_path):
     assert cfg.data.std is None and cfg.data.mean == pytest.approx([125.31, 122.95, 113.87])
     assert scaled_lr(cfg.optim, cfg.train.batch_size) == pytest.approx(0.1 * 32 / 128)
     assert (cfg.schedule.name, cfg.schedule.milestones) == ("step", [2, 3])
-
-
-def test_cifar_takes_a_folder_or_its_archive(tmp_path):
-    for split in ("train", "val"):
-        (tmp_path / "src" / "cifar10" / split / "cat").mkdir(parents=True)
-    assert degradation.cifar_root(tmp_path / "src", tmp_path / "x") == tmp_path / "src" / "cifar10"
-    with tarfile.open(tmp_path / "c.tar", "w") as archive:
-        archive.add(tmp_path / "src" / "cifar10", arcname="cifar10")
-    assert degradation.cifar_root(tmp_path / "c.tar", tmp_path / "data") == tmp_path / "data" / "cifar10"
-    with pytest.raises(degradation.RunFailed, match="no folder with train/ and val/"):
-        degradation.cifar_root(tmp_path / "src" / "cifar10" / "train", tmp_path / "y")
 
 
 def test_the_deepest_runs_start_first():

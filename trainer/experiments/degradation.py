@@ -18,14 +18,14 @@ import os
 import resource
 import subprocess
 import sys
-import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from data.folder import list_split
+from data.errors import DataError
+from data.folder import layout_root, list_split
 from data.make_demo_dataset import DemoParams, make_demo_dataset
 from trainer.experiments import degradation_report as report
 
@@ -205,7 +205,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         try:
             context = run_experiment(args, argv, budget, out)
-        except RunFailed as e:
+        except (RunFailed, DataError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
     runs = {m: report.read_run(out / m) for m in context.models}
@@ -219,20 +219,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def cifar_root(path: Path, scratch: Path) -> Path:
-    """The folder with train/ and val/: `path`, or where its archive extracts to (once; a rerun reuses it)."""
-    if path.is_file():
-        if not scratch.is_dir():
-            with tarfile.open(path) as archive:
-                archive.extractall(scratch.with_name(scratch.name + ".partial"), filter="data")
-            scratch.with_name(scratch.name + ".partial").rename(scratch)
-        path = scratch
-    found = sorted(p.parent for p in path.glob("**/train") if (p.parent / "val").is_dir())
-    if not found:
-        raise RunFailed(f"--cifar {path}: holds no folder with train/ and val/")
-    return found[0]
-
-
 def _children_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # the waited-for child processes, all together
     return usage.ru_utime + usage.ru_stime
@@ -243,7 +229,7 @@ def run_experiment(args: argparse.Namespace, argv: Optional[List[str]], budget: 
     started, load_before = time.time(), os.getloadavg()
     roots = [o.split("=", 1)[1] for o in args.overrides if o.startswith("data.root=")]
     if args.cifar:
-        data_root = cifar_root(args.cifar, out / "data")
+        data_root = layout_root(args.cifar, out / "data")
     else:
         data_root = Path(roots[-1]) if roots else generate_data(out / "data", budget)
     overrides = recipe(budget, data_root, len(list_split(str(data_root), "train")), cifar=bool(args.cifar))
