@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from data.build import build_loader
 from data.folder import list_split
-from data.loader import build_loader
 from trainer import saved_run
 from trainer.export import export, to_torchvision_input
 

@@ -85,8 +85,8 @@ def _measure(args) -> dict:
     """Runs in the subprocess: one variant, train then val."""
     import torch
 
+    from data.build import build_loader
     from data.config import DataConfig
-    from data.loader import build_loader
 
     overrides = dict(VARIANTS[args.variant], **_overrides(args.set))
     cfg = DataConfig(**{"root": args.root, "num_threads": args.threads, **overrides})
@@ -181,9 +181,9 @@ def stall(root: str, batch_size: int, threads: int, epochs: int, step_s: float, 
 
     import torch
 
+    from data.build import build_loader
     from data.config import DataConfig
     from data.folder import list_split
-    from data.loader import build_loader
 
     for split in ("train", "val"):  # both sides read from the page cache
         for path in list_split(root, split).paths():

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from data.errors import DataError
+from common.errors import DataError
 from data.folder import layout_root
 from trainer.plot import read_metrics
 

@@ -2,7 +2,7 @@
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from data.errors import ConfigError
+from common.errors import ConfigError
 
 SEED_MEAN = [123.68, 116.78, 103.94]
 TORCHVISION_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]

@@ -20,10 +20,10 @@ import torch
 from nvidia.dali import fn, math, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from data.base import Loader
+from common.errors import DataError
 from data.config import DataConfig
-from data.errors import DataError
 from data.folder import ImageList
+from data.loader import Loader
 from data.sharding import derive_seed, train_batches, train_shard, val_shard
 
 # DALI has no bfloat16: such batches leave DALI as float32 and are cast by torch.
@@ -161,7 +161,7 @@ def rank_checkpoint(state: Dict[str, Any], rank: int) -> bytes:
     if str(rank) not in checkpoints:
         raise DataError(
             f"the loader state holds DALI checkpoints for ranks {sorted(checkpoints, key=int)} but not for "
-            f"rank {rank}: restore each rank from its own saved state (or from data.loader.merge_states of all)"
+            f"rank {rank}: restore each rank from its own saved state (or from data.build.merge_states of all)"
         )
     return base64.b64decode(checkpoints[str(rank)])
 

@@ -13,7 +13,7 @@ from typing import List, Sequence, Tuple
 
 from PIL import Image, UnidentifiedImageError
 
-from data.errors import DataError
+from common.errors import DataError
 
 OK = "ok"
 # Problems no re-encoding can repair: the pixels are gone or cannot be read.

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data.errors import DataError
+from common.errors import DataError
 
 # Bump when the drawing changes, so that datasets made by an older generator are regenerated.
 GENERATOR_VERSION = 2

@@ -40,7 +40,7 @@ from typing import Callable, Iterable, Iterator, List, Optional
 import numpy as np
 from tqdm import tqdm
 
-from data.errors import DataError
+from common.errors import DataError
 from data.folder import list_split
 from data.image_files import CMYK, GRAYSCALE, NOT_JPEG, OK, check_file
 from data.make_demo_dataset import DemoParams, make_demo_dataset

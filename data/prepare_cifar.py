@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data.errors import DataError
+from common.errors import DataError
 
 SPLITS = ("train", "val")
 PARTIAL = ".partial"

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 from tqdm import tqdm
 
-from data.errors import DataError
+from common.errors import DataError
 
 META_MAT = "data/meta.mat"
 VAL_GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from data.errors import DataError
+from common.errors import DataError
 
 FORMAT = "imagenet-trainer-webdataset"
 # Bump when the loader would read a shard directory differently.

@@ -4,8 +4,8 @@ from typing import Iterator
 
 import torch
 
-from data.base import Loader
 from data.config import DataConfig
+from data.loader import Loader
 from data.sharding import derive_seed, val_shard
 
 

@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
-from data.base import Loader
 from data.config import DataConfig
 from data.folder import ImageList
+from data.loader import Loader
 from data.sharding import derive_seed, epoch_permutation, train_positions, train_shard, val_shard
 
 # Workers start from a forkserver (see the DataLoader below); preloading this module there makes each worker a

@@ -24,10 +24,10 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from data.base import Loader
+from common.errors import DataError
 from data.config import DataConfig
 from data.dali import _to_torch, preprocess, rank_checkpoint
-from data.errors import DataError
+from data.loader import Loader
 from data.shard_format import LABEL_EXT, SplitShards, index_sample
 from data.sharding import derive_seed
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-import data.loader
-from data.base import Loader
+import data.build
+from common.errors import DataError
+from data.build import build_loader
 from data.config import SEED_MEAN, DataConfig
-from data.errors import DataError
 from data.folder import list_split
-from data.loader import build_loader
+from data.loader import Loader
 from data.sharding import train_shard
 from tests.helpers import encoded, make_coded, run_trainer
 
@@ -190,7 +190,7 @@ def test_the_files_of_a_verified_list_are_not_screened_again(tmp_path, monkeypat
     file_list = tmp_path / "train_files.txt"
     file_list.write_text("".join(f"{f}\n" for f in list_split(str(tmp_path), "train").files))
     screened = []
-    monkeypatch.setattr(data.loader, "screen", lambda paths: screened.extend(paths) or [])
+    monkeypatch.setattr(data.build, "screen", lambda paths: screened.extend(paths) or [])
     loader(tmp_path, "train", file_list=str(file_list))
     assert screened == []
     loader(tmp_path, "val", file_list=str(file_list))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from data.errors import ConfigError
+from common.errors import ConfigError
 from tests.helpers import ROOT
 from trainer.config import load_config, to_yaml
 from trainer.main import main

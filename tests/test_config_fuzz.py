@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from data.errors import ConfigError
+from common.errors import ConfigError
 from tests.helpers import ROOT, trainer_env
 from trainer.config import Config, check_paths, load_config
 from trainer.main import main

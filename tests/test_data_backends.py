@@ -2,9 +2,9 @@
 import pytest
 import torch
 
+from common.errors import DataError
+from data.build import build_loader, merge_states
 from data.config import SEED_MEAN, DataConfig
-from data.errors import DataError
-from data.loader import build_loader, merge_states
 from tests.helpers import decode_code, make_coded
 
 CPU = torch.device("cpu")

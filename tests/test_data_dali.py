@@ -7,10 +7,10 @@ from nvidia.dali import Pipeline
 from PIL import Image
 from torchvision.transforms import v2
 
+from common.errors import DataError
+from data.build import build_loader, merge_states
 from data.config import SEED_MEAN, TORCHVISION_MEAN, TORCHVISION_STD, DataConfig
 from data.dali import image_pipeline
-from data.errors import DataError
-from data.loader import build_loader, merge_states
 from tests.helpers import code_colour, codes, make_coded, make_smooth, roundtrip, run
 
 CPU = torch.device("cpu")

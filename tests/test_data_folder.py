@@ -5,7 +5,7 @@ import tarfile
 
 import pytest
 
-from data.errors import DataError
+from common.errors import DataError
 from data.folder import layout_root, list_split
 from data.image_files import NOT_AN_IMAGE, NOT_JPEG, SCREEN_CHUNK, UNREADABLE, ZERO_BYTE, bad_files_error, screen
 from tests.helpers import CLASSES, encoded, make_coded

@@ -10,9 +10,9 @@ import pytest
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
+from common.errors import ConfigError, DataError
+from data.build import build_loader, merge_states
 from data.config import DataConfig
-from data.errors import ConfigError, DataError
-from data.loader import build_loader, merge_states
 from data.make_shards import make_shards, write_shard
 from data.webdataset import parse_label
 from tests.helpers import codes, make_coded, roundtrip, run, run_trainer

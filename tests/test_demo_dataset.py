@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.errors import DataError
+from common.errors import DataError
 from data.make_demo_dataset import (
     CLASS_NAMES,
     COMPLETE_MARKER,

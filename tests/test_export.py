@@ -10,9 +10,9 @@ import torchvision
 from PIL import Image
 from torchvision.transforms import v2
 
+from data.build import build_loader
 from data.config import DataConfig
 from data.folder import list_split
-from data.loader import build_loader
 from tests.helpers import TINY, metrics, run_trainer
 from trainer.config import load_config, to_dict
 from trainer.export import IMAGENET_MEAN, IMAGENET_STD, fold_input, main, to_torchvision_input

@@ -3,7 +3,7 @@ clear error before training."""
 import pytest
 import torch
 
-from data.errors import ConfigError
+from common.errors import ConfigError
 from tests.test_trainer_unit import ALONE, SMALL
 from trainer.config import load_config
 from trainer.main import main

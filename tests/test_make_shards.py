@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from data.errors import DataError
+from common.errors import DataError
 from data.folder import list_split
 from data.make_demo_dataset import DemoParams
 from data.make_shards import HANG_ENV, PLAN, ensure_demo_shards, main, make_shards, sample_key

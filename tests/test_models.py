@@ -5,7 +5,7 @@ import torchvision
 from omegaconf import OmegaConf
 from torch import nn
 
-from data.errors import ConfigError
+from common.errors import ConfigError
 from trainer.models import MODEL_NAMES, ModelConfig, build_model
 from trainer.models.resnet import BasicBlock, Bottleneck, ZeroPadShortcut
 

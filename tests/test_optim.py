@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from data.errors import ConfigError
+from common.errors import ConfigError
 from tests.helpers import ROOT
 from trainer.config import load_config
 from trainer.models import build_model

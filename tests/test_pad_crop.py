@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
+from data.build import build_loader, merge_states
 from data.config import DataConfig
-from data.loader import build_loader, merge_states
 from tests.helpers import CLASSES, run
 
 CPU = torch.device("cpu")

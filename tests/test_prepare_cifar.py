@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.errors import DataError
+from common.errors import DataError
 from data.folder import list_split
 from data.prepare_cifar import CIFAR10, CIFAR100, HANG_ENV, PARTIAL, main, prepare_cifar
 from tests.helpers import ROOT, trainer_env, wait_for

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from scipy.io import savemat
 
-from data.errors import DataError
+from common.errors import DataError
 from data.prepare_imagenet import PARTIAL, main, prepare_imagenet, read_devkit
 
 # ILSVRC2012_ID -> WNID of the leaf classes; the real devkit numbers 1000 of them among 1860 synsets.

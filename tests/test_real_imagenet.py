@@ -11,10 +11,10 @@ from PIL import Image
 
 from bench import loader as bench_loader
 from bench.images import link_train_to_val
+from data.build import build_loader
 from data.config import DataConfig
 from data.folder import list_split
 from data.image_files import GRAYSCALE, OK
-from data.loader import build_loader
 from data.make_shards import make_shards
 from data.verify import main as verify_main
 from data.verify import scan

@@ -8,11 +8,10 @@ import json
 import pytest
 import torch
 
-from data.errors import ConfigError, DataError
+from common.errors import ConfigError, DataError, Diverged
 from trainer import distributed, optim
 from trainer.config import load_config
 from trainer.distributed import Dist
-from trainer.errors import Diverged
 from trainer.optim import build_optimizer
 from trainer.trainer import EpochEnd, Trainer, accumulation_groups
 

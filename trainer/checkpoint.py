@@ -10,10 +10,9 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from data.errors import ConfigError
+from common.errors import CheckpointError, ConfigError, Diverged
 from trainer import distributed
 from trainer.distributed import Dist
-from trainer.errors import CheckpointError, Diverged
 
 POINTER = "latest"
 NAME = re.compile(r"^ckpt-(\d{9})\.pt$")

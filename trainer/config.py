@@ -12,8 +12,8 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from common.errors import ConfigError
 from data.config import DataConfig
-from data.errors import ConfigError
 from trainer.checkpoint import CheckpointConfig
 from trainer.config_docs import describe
 from trainer.distributed import DistributedConfig

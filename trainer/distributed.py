@@ -6,8 +6,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from data.errors import ConfigError, DataError
-from trainer.errors import CheckpointError, Diverged, UserInputError
+from common.errors import CheckpointError, ConfigError, DataError, Diverged, UserInputError
 
 BACKENDS = ("auto", "nccl", "gloo")
 MAX_TIMEOUT_S = 24 * 3600

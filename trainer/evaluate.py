@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.metrics import Sums, correct_topk
+from trainer.accuracy import Sums, correct_topk
 
 
 @torch.no_grad()
@@ -38,10 +38,10 @@ def evaluate_checkpoint(source: Path, state: dict, cfg, d, ema: bool = False) ->
     """`state`'s model (or EMA) on cfg's val split, as the trainer evaluates it: the same loader, batch size,
     memory format, input dtype and autocast."""
     # Imported here: trainer.trainer imports this module for `evaluate`.
+    from common.errors import UserInputError
+    from data.build import build_loader
     from data.config import preprocessing
-    from data.loader import build_loader
     from trainer import distributed, saved_run
-    from trainer.errors import UserInputError
     from trainer.trainer import AUTOCAST, INPUT_DTYPE
 
     model = saved_run.build(state, cfg, saved_run.weights_of(state, ema, source), source).to(d.device)
@@ -89,9 +89,8 @@ def _report(result: dict) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from data.errors import ConfigError, DataError
+    from common.errors import ConfigError, DataError, UserInputError
     from trainer import distributed, saved_run
-    from trainer.errors import UserInputError
 
     args = parse_args(argv)
     try:

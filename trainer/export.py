@@ -112,9 +112,9 @@ def export_onnx(model: nn.Module, out: Path, image_size: int) -> dict:
 
 def export(checkpoint: Path, fmt: str, out: Path, *, ema: bool = False, input_kind: str = "torchvision") -> dict:
     """Writes `out` and `out`.json; returns the JSON's record."""
+    from common.errors import UserInputError
     from data.config import preprocessing
     from trainer import saved_run
-    from trainer.errors import UserInputError
 
     source = saved_run.resolve(checkpoint)
     state = saved_run.load(source)
@@ -183,8 +183,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from data.errors import ConfigError
-    from trainer.errors import UserInputError
+    from common.errors import ConfigError, UserInputError
 
     args = parse_args(argv)
     try:

@@ -3,10 +3,9 @@ import sys
 
 import torch
 
-from data.errors import ConfigError, DataError
+from common.errors import CheckpointError, ConfigError, DataError, Diverged, UserInputError
 from trainer import distributed
 from trainer.config import check_paths, load_config, parse_args, to_yaml
-from trainer.errors import CheckpointError, Diverged, UserInputError
 
 EXIT_USAGE = 2
 

@@ -9,7 +9,7 @@ from typing import List, Optional
 import torch
 from tqdm import tqdm
 
-from data.errors import ConfigError
+from common.errors import ConfigError
 
 # Which W&B panel section each local metric belongs to; anything unlisted goes under the split's own name.
 PANEL = {"img_per_s": "perf", "img_per_s_per_device": "perf", "data_wait": "perf", "data_wait_max": "perf",

@@ -9,7 +9,7 @@ from typing import List, NamedTuple, Optional
 import torch
 from torch import nn
 
-from data.errors import ConfigError
+from common.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "lars")
 SCHEDULES = ("cosine", "step", "poly", "constant")

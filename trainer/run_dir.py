@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from trainer.errors import UserInputError
+from common.errors import UserInputError
 
 LOCK = ".lock"
 CONFIG = "config.yaml"

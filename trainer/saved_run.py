@@ -7,9 +7,9 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from common.errors import UserInputError
 from trainer.checkpoint import NAME, POINTER
 from trainer.config import Config, load_config
-from trainer.errors import UserInputError
 from trainer.models import build_model
 
 TORCHVISION_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")

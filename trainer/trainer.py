@@ -3,7 +3,7 @@
 The Trainer reads top to bottom in the order a run happens: building the parts, the run's state (what a checkpoint
 holds, how a resume restores it), the schedule, the step, and what it reports. It is one class of about 450 lines
 because every method works on the same parts of one run; the pieces with a life of their own live beside it
-(checkpoint, run_dir, nonfinite, resume_split, evaluate, monitor, optim).
+(checkpoint, run_dir, nonfinite, resume, evaluate, monitor, optim).
 """
 import contextlib
 import enum
@@ -19,17 +19,16 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from common.errors import ConfigError, Diverged, SplitTooSmall, UserInputError
+from data.build import build_loader, merge_states
 from data.config import preprocessing
-from data.errors import ConfigError, SplitTooSmall
-from data.loader import build_loader, merge_states
 from data.sharding import derive_seed
-from trainer import distributed, resume_split
+from trainer import distributed, resume
+from trainer.accuracy import Sums, correct_topk
 from trainer.checkpoint import Checkpointer
 from trainer.config import Config, changeable_on_resume, config_changes, to_dict, to_yaml
 from trainer.distributed import Dist
-from trainer.errors import Diverged, UserInputError
 from trainer.evaluate import evaluate
-from trainer.metrics import Sums, correct_topk
 from trainer.models import build_model
 from trainer.models.weights import init_from
 from trainer.monitor import Monitor
@@ -94,8 +93,8 @@ class Trainer:
                                          cfg.checkpoint.every_steps, d)
         # Found first: a resume on another world size sizes the loaders' batches from it.
         found = self._on_main(self.checkpointer.load_latest)
-        saved_split = distributed.broadcast_from_main(found and resume_split.saved_split(found[1]), d)
-        cfg.train.batch_size, cfg.train.grad_accum = self._agree(lambda: resume_split.keep_global_batch(
+        saved_split = distributed.broadcast_from_main(found and resume.saved_split(found[1]), d)
+        cfg.train.batch_size, cfg.train.grad_accum = self._agree(lambda: resume.keep_global_batch(
             saved_split, cfg.train.batch_size, cfg.train.grad_accum, d.world_size))
         self.train_loader, self.val_loader = self._build_loaders()
         self.classes = list(self.train_loader.classes)
@@ -239,7 +238,7 @@ class Trainer:
             raise UserInputError(f"checkpoint {source} has format version {state.get('version')}, "
                                  f"this trainer reads {CHECKPOINT_VERSION}")
         changes = config_changes(state["config"], to_dict(self.cfg))
-        saved = resume_split.saved_split(state)
+        saved = resume.saved_split(state)
         kept = saved["batch_size"] * saved["world_size"] * saved["grad_accum"] == self.global_batch
         refused = [k for k in changes if not changeable_on_resume(k, global_batch_kept=kept)]
         if refused:

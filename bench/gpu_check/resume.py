@@ -15,8 +15,8 @@ def check_resume(ctx: Context) -> Passed:
     common = (f"data.root={ctx.images}", f"train.batch_size={s.resume_batch}", "train.deterministic=true",
               "monitor.every_steps=1")
     straight, _ = ctx.run_trainer("resume_straight", *common, f"train.max_steps={n}")
-    split, _ = ctx.run_trainer("resume_split", *common, f"train.max_steps={n // 2}")
-    _, resumed_at = ctx.run_trainer("resume_split", *common, f"train.max_steps={n}")
+    split, _ = ctx.run_trainer("resume_world_size", *common, f"train.max_steps={n // 2}")
+    _, resumed_at = ctx.run_trainer("resume_world_size", *common, f"train.max_steps={n}")
     name = f"checkpoints/ckpt-{n:09d}.pt"
     # No map_location: a tensor saved from the GPU would load onto it, and a CPU-only host could not load it.
     a, b = (torch.load(d / name, weights_only=True) for d in (straight, split))

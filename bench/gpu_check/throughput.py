@@ -8,7 +8,7 @@ import torch
 
 from bench.gpu_check.context import CheckFailed, Context, Passed
 from bench.throughput import throughput, train_records
-from data.loader import build_loader
+from data.build import build_loader
 from trainer.trainer import INPUT_DTYPE
 
 

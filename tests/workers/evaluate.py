@@ -5,8 +5,8 @@ import sys
 
 import torch
 
+from data.build import build_loader
 from data.config import DataConfig
-from data.loader import build_loader
 from trainer import distributed
 from trainer.evaluate import evaluate
 from trainer.models import build_model

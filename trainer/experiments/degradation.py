@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from data.errors import DataError
+from common.errors import DataError
 from data.folder import layout_root, list_split
 from data.make_demo_dataset import DemoParams, make_demo_dataset
 from trainer.experiments import degradation_report as report

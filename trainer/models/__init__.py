@@ -4,8 +4,8 @@ from typing import Optional
 
 from torch import nn
 
+from common.errors import ConfigError
 from data.config import MAX_CLASSES
-from data.errors import ConfigError
 from trainer.models.resnet import MODEL_NAMES, option_errors, resnet
 
 __all__ = ["MODEL_NAMES", "ModelConfig", "build_model"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data.errors import ConfigError
+from common.errors import ConfigError
 
 KEY = "model.init_from"
 HEAD = "fc."

@@ -1,7 +1,7 @@
 """Resuming on another world size: the checkpoint's global batch is kept, split anew over the ranks there are."""
 from typing import Optional, Tuple
 
-from data.errors import ConfigError
+from common.errors import ConfigError
 
 
 def saved_split(state: dict) -> dict:

@@ -3,10 +3,10 @@ world size, and the trainer in process on synthetic data. Real processes on anot
 test_trainer_ddp.py."""
 import pytest
 
-from data.errors import ConfigError
+from common.errors import ConfigError
 from tests.test_trainer_unit import ALONE, SMALL
 from trainer.config import load_config
-from trainer.resume_split import keep_global_batch
+from trainer.resume import keep_global_batch
 from trainer.trainer import Trainer
 
 
