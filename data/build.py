@@ -4,6 +4,7 @@ A Loader (data/loader.py) has `classes`, `__len__` (batches per epoch), `__iter_
 epoch, as (images, labels) on the device) and, for train, `state_dict()`/`load_state_dict()`.
 """
 import os
+from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
@@ -15,6 +16,16 @@ from data.loader import Loader
 from data.sharding import val_shard
 
 OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def ensure_demo_data(cfg: DataConfig) -> None:
+    """With data.demo, generates the demo dataset (or its shards) at data.root unless it is already there."""
+    if cfg.demo and cfg.format == "webdataset":
+        from data.make_shards import ensure_demo_shards
+        ensure_demo_shards(Path(cfg.root))
+    elif cfg.demo:
+        from data.make_demo_dataset import ensure_demo_dataset
+        ensure_demo_dataset(Path(cfg.root), seed=0)
 
 
 def build_loader(cfg: DataConfig, split: str, *, batch_size: int, rank: int, world_size: int,

@@ -158,7 +158,7 @@ def test_resume_after_epochs_read_past_their_end_is_bitwise_identical(smooth):
 
 @pytest.mark.parametrize("prefetch,threads", [(1, 2), (5, 1)])
 def test_resume_with_other_prefetch_and_threads_is_bitwise_identical(smooth, prefetch, threads):
-    # Both may change on resume (trainer.config.CHANGEABLE_ON_RESUME); the checkpoint is of what was consumed.
+    # Both may change on resume (trainer.resume.CHANGEABLE_ON_RESUME); the checkpoint is of what was consumed.
     expected = run(loader(smooth, **RESUME), 9)
     first = loader(smooth, **RESUME)
     run(first, 4)

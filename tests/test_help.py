@@ -5,10 +5,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.helpers import ROOT, module_command, trainer_env
-from trainer.config import Config, flatten
+from trainer.config import Config
 from trainer.config_docs import field_docs, show
 from trainer.main import main
 from trainer.models import ModelConfig
+from trainer.resume import flatten
 
 
 @pytest.fixture(scope="module")

@@ -69,6 +69,11 @@ def uninterrupted(tiny_data, tmp_path_factory):
 def test_two_ranks_train_and_only_rank0_writes(uninterrupted):
     run_dir, result = uninterrupted
     assert result.stdout.count("done: step 24") == 1
+    # The console is rank 0's; each rank's own log is in its file, rank 1's included.
+    for rank in (0, 1):
+        lines = (run_dir / "logs" / f"rank{rank}.log").read_text().splitlines()
+        assert any(f" rank {rank} INFO run dir: " in line for line in lines)
+        assert any(f" rank {rank} INFO done: step 24" in line for line in lines)
     train = metrics(run_dir, "train")
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
     # 24 steps of batch 4 are too few for the loss to fall reliably: that is the demo's test (test_launch_slurm).

@@ -1,21 +1,20 @@
-"""Checkpoints: the save cadence, atomic writes (temp file, fsync, rename, then the `latest` pointer), pruning,
-and loading that falls back past a corrupt file."""
+"""Checkpoints: a checkpoint is the union of a run's stateful parts (snapshot, restore); the save cadence, atomic
+writes (temp file, fsync, rename, then the `latest` pointer), pruning, and loading that falls back past a corrupt
+file."""
 import os
-import re
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from common.errors import CheckpointError, ConfigError, Diverged
+from common.errors import CheckpointError, ConfigError, Diverged, UserInputError
+from common.log import log
 from trainer import distributed
 from trainer.distributed import Dist
+from trainer.run_dir import CHECKPOINT_NAME, POINTER, checkpoint_file, checkpoint_step
 
-POINTER = "latest"
-NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
 UNREADABLE = ".unreadable"
 # Room kept free beyond the checkpoint itself: the metrics, logs and W&B files of the run still need to grow.
 HEADROOM_BYTES = 64 * 2**20
@@ -33,6 +32,60 @@ class CheckpointConfig:
             raise ConfigError("checkpoint.every_steps", f"must be >= 0, got {self.every_steps}")
         if self.keep < 1:
             raise ConfigError("checkpoint.keep", f"must be >= 1, got {self.keep}")
+
+
+class PerRank:
+    """A part every rank holds its own of (the loader's position, the RNG streams): saved as the list of every
+    rank's state, gathered; `restore` is handed that list, to take its own or merge them all."""
+
+    def __init__(self, get: Callable[[], Any], restore: Callable[[list], None], dist: Dist):
+        self.get, self.restore, self.dist = get, restore, dist
+
+    def state_dict(self) -> list:
+        return distributed.all_gather(self.get(), self.dist)
+
+    def load_state_dict(self, states: list) -> None:
+        self.restore(states)
+
+
+# The part whose state_dict() is stored at the top level of the checkpoint rather than under its name (the trainer's
+# own counters and the run's facts, where format 2 keeps them); it names its keys in STATE_KEYS.
+TOP_LEVEL = "trainer"
+
+
+def snapshot(parts: Dict[str, Any]) -> dict:
+    """The checkpoint of `parts` ({name: a part with state_dict(), or None for one this run does not have}).
+    Collective where a part is PerRank: every rank must call it."""
+    state = dict(parts[TOP_LEVEL].state_dict()) if TOP_LEVEL in parts else {}
+    for name, part in parts.items():
+        if name != TOP_LEVEL:
+            state[name] = None if part is None else part.state_dict()
+    return state
+
+
+def restore(parts: Dict[str, Any], state: dict, source: Path) -> None:
+    """Loads every part from `state`, in the order of `parts` (the trainer's counters first: the RNG reseeds
+    from its step). A part the checkpoint lacks, or a state the checkpoint holds that no part restores, is an
+    error naming it: a state saved and never restored is a resume that silently differs."""
+    top = tuple(parts[TOP_LEVEL].STATE_KEYS) if TOP_LEVEL in parts else ()
+    missing = [name for name in (*top, *parts) if name != TOP_LEVEL and name not in state]
+    unclaimed = [key for key in state if key not in parts and key not in top]
+    if missing or unclaimed:
+        found = [missing and f"it lacks {', '.join(missing)}",
+                 unclaimed and f"no part of this trainer restores {', '.join(unclaimed)}"]
+        raise UserInputError(f"checkpoint {source} does not match this trainer's parts: "
+                             f"{'; '.join(filter(None, found))}")
+    for name, part in parts.items():
+        saved = {k: state[k] for k in top} if name == TOP_LEVEL else state[name]
+        if part is None or saved is None:
+            continue
+        try:
+            part.load_state_dict(saved)
+        except (RuntimeError, KeyError, ValueError) as e:
+            # load_state_dict's first line only says that it failed; the second names the key at fault.
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+            reason = lines[min(1, len(lines) - 1)]
+            raise UserInputError(f"checkpoint {source}: its {name} does not fit this run: {reason}") from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -74,10 +127,6 @@ def to_cpu(tree):
     return tree
 
 
-def step_of(path: Path) -> int:
-    return int(NAME.match(path.name).group(1))
-
-
 class Checkpointer:
     """Owns the checkpoints of a run: when to save, writing them atomically on rank 0, pruning, and loading.
 
@@ -93,13 +142,13 @@ class Checkpointer:
         self.dist = dist or Dist(0, 0, 1, torch.device("cpu"))
 
     def path_for(self, step: int) -> Path:
-        return self.dir / f"ckpt-{step:09d}.pt"
+        return checkpoint_file(self.dir, step)
 
     def saved(self) -> list:
         """Complete checkpoints on disk, oldest first (temp files never match the name)."""
         if not self.dir.is_dir():
             return []
-        return sorted(p for p in self.dir.iterdir() if NAME.match(p.name))
+        return sorted(p for p in self.dir.iterdir() if CHECKPOINT_NAME.match(p.name))
 
     def due(self, step: int, *, epoch_end: bool = False) -> bool:
         """The cadence: every `every_steps` optimizer steps, and at every epoch end."""
@@ -148,8 +197,8 @@ class Checkpointer:
     def _prune(self, step: int) -> None:
         """Keeps the checkpoint of `step` and the `keep - 1` newest before it. Files of later steps belong to a
         future this run has abandoned (it resumed from an earlier checkpoint), so they go too."""
-        older = [p for p in self.saved() if step_of(p) < step]
-        doomed = older[:max(len(older) - (self.keep - 1), 0)] + [p for p in self.saved() if step_of(p) > step]
+        older = [p for p in self.saved() if checkpoint_step(p) < step]
+        doomed = older[:max(len(older) - (self.keep - 1), 0)] + [p for p in self.saved() if checkpoint_step(p) > step]
         for old in doomed:
             old.unlink()
 
@@ -176,8 +225,7 @@ class Checkpointer:
                     raise ValueError(f"non-finite weights, e.g. {bad[0]}")
             except Exception as e:  # noqa: BLE001 - any unreadable file is skipped the same way
                 reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-                print(f"warning: checkpoint {path} is unreadable ({reason}); trying the previous one",
-                      file=sys.stderr)
+                log.warning(f"checkpoint {path} is unreadable ({reason}); trying the previous one")
                 unreadable.append((path, reason))
                 continue
             for bad_path, _ in unreadable:

@@ -256,47 +256,6 @@ def load_config(config_file: Optional[Path], overrides: List[str], base: Optiona
     return cfg
 
 
-# Keys a resumed run may change: they say how the run is operated, not what it computes. optim.lr is applied
-# too, by rescaling the schedule (Trainer.apply_lr); any other change is refused, since the checkpoint's
-# optimizer, schedule and data order would quietly keep the old meaning while config.yaml claimed the new one.
-CHANGEABLE_ON_RESUME = (
-    "run.", "monitor.", "checkpoint.", "distributed.", "data.root", "data.demo", "data.num_threads",
-    "data.prefetch", "data.hw_decoder_load", "data.mmap", "train.max_steps", "train.threads", "train.stop_check_every",
-    "train.eval_every_epochs", "train.max_nonfinite_steps", "train.compile", "train.cudnn_benchmark",
-    "train.deterministic",
-    "train.channels_last", "optim.lr",
-    # Only read when a run starts; a checkpoint's weights supersede them.
-    "model.init_from", "model.init_head",
-)
-# How the global batch is split (per rank, accumulated): changeable on resume as long as the global batch stays,
-# as it must for a resume on another world size (Trainer.keep_global_batch).
-BATCH_SPLIT = ("train.batch_size", "train.grad_accum")
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def config_changes(saved: dict, current: dict) -> dict:
-    """{key: (saved value, current value)} for every key of both configs whose value differs. A key only one of
-    them has came or went with a new version of this code, not with the user's command: it is not a change."""
-    old, new = flatten(saved), flatten(current)
-    return {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]}
-
-
-def changeable_on_resume(key: str, global_batch_kept: bool = False) -> bool:
-    if global_batch_kept and key in BATCH_SPLIT:
-        return True
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in CHANGEABLE_ON_RESUME)
-
-
 def _nearest_existing(path: Path) -> Path:
     path = path.absolute()
     return next(p for p in (path, *path.parents) if os.path.lexists(p))

@@ -1,6 +1,7 @@
-"""What rank 0 reports: console lines, a progress bar, metrics.jsonl in the run directory, and Weights & Biases."""
+"""What rank 0 reports besides the log: a progress bar, metrics.jsonl in the run directory, and Weights & Biases."""
 import json
 import os
+import resource
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,8 @@ import torch
 from tqdm import tqdm
 
 from common.errors import ConfigError
+from common.log import log
+from trainer.run_dir import METRICS, truncate_metrics
 
 # Which W&B panel section each local metric belongs to; anything unlisted goes under the split's own name.
 PANEL = {"img_per_s": "perf", "img_per_s_per_device": "perf", "data_wait": "perf", "data_wait_max": "perf",
@@ -45,31 +48,11 @@ class MonitorConfig:
             raise ConfigError("monitor.every_steps", f"must be >= 1, got {self.every_steps}")
 
 
-def truncate_metrics(path: Path, step: int) -> int:
-    """Drops the records past `step` (written after the checkpoint a resumed run starts from) and a torn last line;
-    returns the last step the file had (0 for none), which is also the last one sent to W&B.
-
-    Records are appended in step order and every resume truncates first, so what goes is a suffix: the file is
-    cut in place, which needs no free space (a run that stopped on a full disk must be able to resume).
-    """
-    if not path.is_file():
-        return 0
-    keep_bytes = last_step = 0
-    cut = False
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                record = json.loads(line) if line.endswith(b"\n") else None
-            except ValueError:
-                record = None
-            if record is None:
-                break
-            last_step = max(last_step, record["step"])
-            cut = cut or record["step"] > step
-            if not cut:
-                keep_bytes += len(line)
-    os.truncate(path, keep_bytes)
-    return last_step
+def peak_memory_mb(device: torch.device) -> float:
+    """The most memory this process has held: the device's allocator on a GPU, the resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def default_group(run_dir: Path) -> str:
@@ -86,7 +69,7 @@ class Monitor:
         self.wandb_id = wandb_id
         if not enabled:
             return
-        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_path = run_dir / METRICS
         logged = truncate_metrics(self.metrics_path, start_step)
         # W&B history cannot be cut back as metrics.jsonl is (its rewind, resume_from, needs the server and counts
         # W&B's own _step), so a continued W&B run skips the steps it already has: after an exact resume they
@@ -125,7 +108,7 @@ class Monitor:
             self.wandb_run.log({"trainer/step": step, "trainer/epoch": epoch, "trainer/images_seen": images_seen,
                                 **{f"{PANEL.get(k, split)}/{k}": v for k, v in metrics.items()}})
         shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        self.print(f"{split} step {step} epoch {epoch:.2f} {shown}")
+        log.info(f"{split} step {step} epoch {epoch:.2f} {shown}")
 
     @property
     def wants_images(self) -> bool:
@@ -159,13 +142,6 @@ class Monitor:
     def advance(self, steps: int = 1) -> None:
         if self.enabled:
             self.bar.update(steps)
-
-    def print(self, message: str) -> None:
-        if self.enabled:
-            if self.bar.disable:
-                print(message, flush=True)
-            else:
-                self.bar.write(message)
 
     @property
     def wandb_where(self) -> Optional[str]:

@@ -2,7 +2,6 @@
 weights."""
 import copy
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import List, NamedTuple, Optional
 
@@ -203,17 +202,13 @@ GLOBAL_BATCH_LIMITS = {
 }
 
 
-def warn_large_batch(cfg: OptimConfig, global_batch: int, is_main: bool) -> Optional[str]:
-    """Returns a warning when `global_batch` is beyond what optim.name is known to handle, and prints it on the
-    main process; returns None within the limit."""
+def large_batch_warning(cfg: OptimConfig, global_batch: int) -> Optional[str]:
+    """The warning for a `global_batch` beyond what optim.name is known to handle; None within the limit."""
     limit = GLOBAL_BATCH_LIMITS[cfg.name]
     if global_batch <= limit.images:
         return None
-    warning = (f"warning: a global batch of {global_batch} images is beyond the {limit.images} that "
-               f"optim.name={cfg.name} is known to train ResNet-50 at ({limit.source}); {limit.advice}")
-    if is_main:
-        print(warning, file=sys.stderr, flush=True)
-    return warning
+    return (f"a global batch of {global_batch} images is beyond the {limit.images} that optim.name={cfg.name} is "
+            f"known to train ResNet-50 at ({limit.source}); {limit.advice}")
 
 
 def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:

@@ -1,19 +1,78 @@
-"""The run directory, held by one job at a time: a lock that names its holder, and the config history."""
+"""The run directory's layout, known here alone, and the directory held by one job at a time: a lock that names its
+holder, and the config history.
+
+    run.dir/
+      .lock                  held by the job writing here (flock; names its host, pid, Slurm job)
+      config.yaml            the config in effect;  config_changes.jsonl  each resume's changes
+      classes.json           the class names, in label order
+      metrics.jsonl          one record per log step and evaluation (trainer.monitor)
+      logs/rank<N>.log       every rank's log (common.log)
+      checkpoints/ckpt-<step>.pt, checkpoints/latest (the name of the newest complete one)
+"""
 import errno
 import fcntl
 import json
 import os
+import re
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 from common.errors import UserInputError
+from common.log import log
 
 LOCK = ".lock"
 CONFIG = "config.yaml"
 CONFIG_CHANGES = "config_changes.jsonl"
+CLASSES = "classes.json"
+METRICS = "metrics.jsonl"
+LOGS = "logs"
+CHECKPOINTS = "checkpoints"
+POINTER = "latest"
+CHECKPOINT_NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
+
+
+def checkpoint_file(directory: Path, step: int) -> Path:
+    return Path(directory) / f"ckpt-{step:09d}.pt"
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(CHECKPOINT_NAME.match(Path(path).name).group(1))
+
+
+def metrics_beside(checkpoint: Path) -> Optional[Path]:
+    """The metrics.jsonl of the run a checkpoint file belongs to, None for a file outside a run's checkpoints/."""
+    if not CHECKPOINT_NAME.match(Path(checkpoint).name):
+        return None
+    return Path(checkpoint).resolve().parent.parent / METRICS
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drops the records past `step` (written after the checkpoint a resumed run starts from) and a torn last line;
+    returns the last step the file had (0 for none), which is also the last one sent to W&B.
+
+    Records are appended in step order and every resume truncates first, so what goes is a suffix: the file is
+    cut in place, which needs no free space (a run that stopped on a full disk must be able to resume).
+    """
+    if not path.is_file():
+        return 0
+    keep_bytes = last_step = 0
+    cut = False
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line) if line.endswith(b"\n") else None
+            except ValueError:
+                record = None
+            if record is None:
+                break
+            last_step = max(last_step, record["step"])
+            cut = cut or record["step"] > step
+            if not cut:
+                keep_bytes += len(line)
+    os.truncate(path, keep_bytes)
+    return last_step
 
 
 def _holder() -> dict:
@@ -36,9 +95,24 @@ class RunDir:
         self.path = Path(path)
         self._lock_file = None
 
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def logs(self) -> Path:
+        return self.path / LOGS
+
+    def write_classes(self, classes: list) -> None:
+        (self.path / CLASSES).write_text(json.dumps(classes))
+
     def open(self) -> None:
         try:
-            (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
             self._lock()
         except OSError as e:
             raise UserInputError(f"run.dir: cannot write to {self.path}: {e.strerror or e}") from None
@@ -50,8 +124,8 @@ class RunDir:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):
-                print(f"warning: {lock_path}: this file system cannot lock ({e.strerror}); nothing stops a second "
-                      f"job from writing to {self.path} at the same time", file=sys.stderr)
+                log.warning(f"{lock_path}: this file system cannot lock ({e.strerror}); nothing stops a second "
+                            f"job from writing to {self.path} at the same time")
                 self._lock_file = f
                 return
             f.seek(0)

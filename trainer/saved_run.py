@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from common.errors import UserInputError
-from trainer.checkpoint import NAME, POINTER
 from trainer.config import Config, load_config
 from trainer.models import build_model
+from trainer.run_dir import CHECKPOINTS, POINTER, metrics_beside
 
 TORCHVISION_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
@@ -23,7 +23,7 @@ def resolve(path: Path) -> Path:
         return path
     if not path.exists():
         raise UserInputError(f"{path}: no such file or directory")
-    for pointer in (path / "checkpoints" / POINTER, path / POINTER):
+    for pointer in (path / CHECKPOINTS / POINTER, path / POINTER):
         if pointer.is_file():
             named = pointer.parent / pointer.read_text().strip()
             if not named.is_file():
@@ -94,10 +94,8 @@ def build(state: dict, cfg: Config, weights: dict, source: Path) -> nn.Module:
 def logged_val(checkpoint: Path, step: int, ema: bool) -> Optional[dict]:
     """The trainer's val (or val_ema) record at `step` in the run's metrics.jsonl, None if there is none (the
     run saved at that step without evaluating, or the file is not beside the checkpoint)."""
-    if not NAME.match(checkpoint.name):
-        return None
-    metrics = checkpoint.resolve().parent.parent / "metrics.jsonl"
-    if not metrics.is_file():
+    metrics = metrics_beside(checkpoint)
+    if metrics is None or not metrics.is_file():
         return None
     split = "val_ema" if ema else "val"
     found = None

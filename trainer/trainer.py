@@ -1,17 +1,13 @@
 """The training loop: `train()` is the schedule, `train_one_epoch()` the steps, `train_step()` one update.
 
-The Trainer reads top to bottom in the order a run happens: building the parts, the run's state (what a checkpoint
-holds, how a resume restores it), the schedule, the step, and what it reports. It is one class of about 450 lines
-because every method works on the same parts of one run; the pieces with a life of their own live beside it
-(checkpoint, run_dir, nonfinite, resume, evaluate, monitor, optim).
+The Trainer reads top to bottom in the order a run happens: building the parts, the run's state (its stateful
+parts, which a checkpoint is the union of, and the resume), the schedule, the step, and what it reports. The pieces
+with a life of their own live beside it: checkpoint (snapshot, restore, the files), resume (its rules), run_model
+(the net and its wrappers), run_dir, nonfinite, evaluate, monitor, optim.
 """
 import contextlib
 import enum
 import itertools
-import json
-import os
-import resource
-import sys
 import time
 from pathlib import Path
 
@@ -19,26 +15,27 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from common.errors import ConfigError, Diverged, SplitTooSmall, UserInputError
-from data.build import build_loader, merge_states
+from common import log as run_log
+from common.errors import ConfigError, Diverged, SplitTooSmall
+from common.log import log
+from data.build import build_loader, ensure_demo_data, merge_states
 from data.config import preprocessing
 from data.sharding import derive_seed
-from trainer import distributed, resume
+from trainer import checkpoint, distributed, resume, run_model
 from trainer.accuracy import Sums, correct_topk
-from trainer.checkpoint import Checkpointer
-from trainer.config import Config, changeable_on_resume, config_changes, to_dict, to_yaml
+from trainer.checkpoint import Checkpointer, PerRank
+from trainer.config import Config, to_dict, to_yaml
 from trainer.distributed import Dist
 from trainer.evaluate import evaluate
-from trainer.models import build_model
 from trainer.models.weights import init_from
-from trainer.monitor import Monitor
+from trainer.monitor import Monitor, peak_memory_mb
 from trainer.nonfinite import NonFiniteGuard
-from trainer.optim import build_ema, build_optimizer, build_scheduler, scaled_lr, warn_large_batch
+from trainer.optim import build_ema, build_optimizer, build_scheduler, large_batch_warning, scaled_lr
 from trainer.preemption import StopFlag
+from trainer.resume import CHECKPOINT_VERSION
 from trainer.rng import rng_state, seed_everything, set_rng_state
 from trainer.run_dir import RunDir
 
-CHECKPOINT_VERSION = 2
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The images the loader hands over: fp32 for fp32 training, the autocast dtype otherwise (half the bytes moved,
 # and the first convolution would cast them anyway).
@@ -68,6 +65,14 @@ class Trainer:
     module whose weights are saved, averaged (EMA) and evaluated.
     """
 
+    # What state_dict() holds: the trainer's own counters, and the facts of the run a resume checks (resume.check).
+    STATE_KEYS = ("version", "step", "epoch", "images_seen", "last_val", "world_size", "classes", "config",
+                  "preprocessing", "wandb_id")
+    # Attributes with a state_dict() that a checkpoint leaves out on purpose: built anew from the config and the
+    # parts (`model` wraps raw_model; the val loader has no position; the checkpointer and monitor are the run's
+    # machinery, not its state).
+    NOT_CHECKPOINTED = ("model", "val_loader", "criterion")
+
     def __init__(self, cfg: Config, d: Dist):
         self.cfg, self.dist, self.device = cfg, d, d.device
         self.run_dir = Path(cfg.run.dir)
@@ -76,10 +81,12 @@ class Trainer:
         self.started = time.perf_counter()
         self.step = self.epoch = self.images_seen = 0
         self.last_val = {}
-        self.monitor = None
+        self.monitor = self._log_file = None
+        run_log.setup(d.rank)
         self.run = RunDir(self.run_dir)
         self._on_main(self.run.open)  # before anything is written there: one job per run dir
         try:
+            self._log_file = run_log.to_file(self.run.logs, d.rank)
             self._build()
         except BaseException:
             self.close()
@@ -87,10 +94,9 @@ class Trainer:
 
     def _build(self) -> None:
         cfg, d = self.cfg, self.dist
-        self._configure_torch()
-        self._on_main(self._ensure_demo_data)
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep,
-                                         cfg.checkpoint.every_steps, d)
+        run_model.configure_torch(cfg)
+        self._on_main(lambda: ensure_demo_data(cfg.data))
+        self.checkpointer = Checkpointer(self.run.checkpoints, cfg.checkpoint.keep, cfg.checkpoint.every_steps, d)
         # Found first: a resume on another world size sizes the loaders' batches from it.
         found = self._on_main(self.checkpointer.load_latest)
         saved_split = distributed.broadcast_from_main(found and resume.saved_split(found[1]), d)
@@ -100,12 +106,13 @@ class Trainer:
         self.classes = list(self.train_loader.classes)
         self._size_schedule()
 
-        self.raw_model = self._build_model()
+        self.raw_model = run_model.build(cfg, len(self.classes), d)
         if saved_split is None and cfg.model.init_from:
             self._init_weights()
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
         self.optimizer = build_optimizer(self.raw_model, cfg.optim, scaled_lr(cfg.optim, self.global_batch))
-        warn_large_batch(cfg.optim, self.global_batch, d.is_main)
+        if d.is_main and (warning := large_batch_warning(cfg.optim, self.global_batch)):
+            log.warning(warning)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.steps_per_epoch, self.total_steps)
         # Disabled outside fp16: scale() and update() are then no-ops and step() is optimizer.step().
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
@@ -113,10 +120,10 @@ class Trainer:
         self.ema = build_ema(self.raw_model, cfg.optim.ema_decay, self.guard.skipped) if cfg.optim.ema_decay else None
 
         wandb_id = self._resume(found, saved_split)
-        self.model = self._wrap(self.raw_model)
+        self.model = run_model.wrap(self.raw_model, cfg, d)
         self.monitor = Monitor(cfg.monitor, self.run_dir, d.is_main, total_steps=self.last_step,
                                start_step=self.step, config=to_dict(cfg), wandb_id=wandb_id)
-        self.monitor.print(f"run dir: {self.run_dir.resolve()}  ({d.world_size} process(es) on {self.device.type}, "
+        log.info(f"run dir: {self.run_dir.resolve()}  ({d.world_size} process(es) on {self.device.type}, "
                            f"global batch {self.global_batch}, {self.steps_per_epoch} steps/epoch, "
                            f"{'resuming at step ' + str(self.step) if self.step else 'starting'})")
 
@@ -131,32 +138,16 @@ class Trainer:
         self.stop.uninstall()
         if self.monitor is not None:
             self.monitor.close()
+        if self._log_file is not None:
+            run_log.remove(self._log_file)
+            self._log_file = None
         self.run.close()
-
-    def _configure_torch(self) -> None:
-        seed_everything(self.cfg.seed)
-        if self.cfg.train.threads:
-            torch.set_num_threads(self.cfg.train.threads)
-        torch.backends.cudnn.benchmark = self.cfg.train.cudnn_benchmark and not self.cfg.train.deterministic
-        if self.cfg.train.deterministic:
-            # cuBLAS reads this when it first creates a handle, which happens at the first matmul, after this.
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.backends.cudnn.deterministic = True
-            torch.use_deterministic_algorithms(True, warn_only=True)
 
     def _agree(self, fn):
         return distributed.agree(fn, self.dist)
 
     def _on_main(self, fn):
         return self._agree(lambda: fn() if self.dist.is_main else None)
-
-    def _ensure_demo_data(self) -> None:
-        if self.cfg.data.demo and self.cfg.data.format == "webdataset":
-            from data.make_shards import ensure_demo_shards
-            ensure_demo_shards(Path(self.cfg.data.root))
-        elif self.cfg.data.demo:
-            from data.make_demo_dataset import ensure_demo_dataset
-            ensure_demo_dataset(Path(self.cfg.data.root), seed=0)
 
     def _build_loaders(self) -> tuple:
         cfg, d = self.cfg, self.dist
@@ -182,110 +173,49 @@ class Trainer:
         self.last_step = min(self.total_steps, train.max_steps or self.total_steps)
         self.global_batch = train.batch_size * world_size * train.grad_accum
 
-    def _build_model(self) -> nn.Module:
-        mc = self.cfg.model
-        num_classes = mc.num_classes or len(self.classes)
-        if num_classes < len(self.classes):
-            raise ConfigError("model.num_classes", f"{num_classes} is fewer than the dataset's {len(self.classes)}")
-        model = build_model(mc.name, num_classes=num_classes, shortcut=mc.shortcut,
-                            stride_in_1x1=mc.stride_in_1x1, zero_init_residual=mc.zero_init_residual)
-        if self.cfg.train.sync_bn and self.dist.world_size > 1:
-            if self.device.type == "cuda":
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            elif self.dist.is_main:
-                print("warning: train.sync_bn=true needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); "
-                      "training with per-process BN", file=sys.stderr)
-        model = model.to(self.device)
-        return model.to(memory_format=torch.channels_last) if self.cfg.train.channels_last else model
-
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        if self.cfg.train.compile:
-            # Compiled here, the module's forward still compiles inside DDP's, so DDPOptimizer cuts its graph at the
-            # bucket boundaries and all-reduce overlaps backward as when compiling the wrapper (measured both ways in
-            # docs/performance.md); this way Dynamo stays out of DDP's own code, as PyTorch advises.
-            model = torch.compile(model)
-        # A process group of one rank (the GPU check makes one) gets DDP too: the multi-GPU path at world size 1.
-        if self.dist.world_size > 1 or torch.distributed.is_initialized():
-            # Buckets fill in reverse layer order while backward runs, so all-reduce overlaps the backward pass;
-            # gradients as bucket views save one copy of every gradient.
-            model = DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                gradient_as_bucket_view=True)
-        return model
-
     def state_dict(self) -> dict:
-        """What the trainer itself owns: its counters and the last validation."""
-        return {"step": self.step, "epoch": self.epoch, "images_seen": self.images_seen,
-                "nonfinite": self.guard.state_dict(), "last_val": self.last_val}
+        """What the trainer itself owns: its counters and the last validation, and the facts of the run."""
+        return {"version": CHECKPOINT_VERSION, "step": self.step, "epoch": self.epoch,
+                "images_seen": self.images_seen, "last_val": self.last_val, "world_size": self.dist.world_size,
+                "classes": self.classes, "config": to_dict(self.cfg), "preprocessing": preprocessing(self.cfg.data),
+                "wandb_id": self.monitor.wandb_id}
 
-    def checkpoint_state(self) -> dict:
-        """The checkpoint: the union of every stateful part. Collective: every rank must call it."""
-        return {
-            "version": CHECKPOINT_VERSION, **self.state_dict(), "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "ema": self.ema.state_dict() if self.ema else None,
-            "loader": distributed.all_gather(self.train_loader.state_dict(), self.dist),
-            "rng": distributed.all_gather(rng_state(), self.dist),
-            "world_size": self.dist.world_size, "classes": self.classes, "config": to_dict(self.cfg),
-            "preprocessing": preprocessing(self.cfg.data),
-            "wandb_id": self.monitor.wandb_id,
-        }
-
-    def load_checkpoint_state(self, state: dict, source: Path) -> dict:
-        """Restores every part from `state`; returns the config keys this run changes, {key: (old, new)}."""
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise UserInputError(f"checkpoint {source} has format version {state.get('version')}, "
-                                 f"this trainer reads {CHECKPOINT_VERSION}")
-        changes = config_changes(state["config"], to_dict(self.cfg))
-        saved = resume.saved_split(state)
-        kept = saved["batch_size"] * saved["world_size"] * saved["grad_accum"] == self.global_batch
-        refused = [k for k in changes if not changeable_on_resume(k, global_batch_kept=kept)]
-        if refused:
-            listed = ", ".join(f"{k}={changes[k][0]} (now {changes[k][1]})" for k in refused)
-            raise ConfigError(refused[0], f"checkpoint {source} was written with {listed}: resuming with a different "
-                                          f"value would silently change what the run computes. Set it back, or "
-                                          f"use another run.dir to start afresh")
-        if state["classes"] != self.classes:
-            raise UserInputError(f"checkpoint {source} was trained on other classes than {self.cfg.data.root}")
-        try:
-            self.raw_model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise UserInputError(f"checkpoint {source} does not fit model.name={self.cfg.model.name}: "
-                                 f"{str(e).splitlines()[1].strip()}") from None
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"] and self.scaler.is_enabled():
-            self.scaler.load_state_dict(state["scaler"])
-        if self.ema and state["ema"]:
-            self.ema.load_state_dict(state["ema"])
+    def load_state_dict(self, state: dict) -> None:
+        """The counters; the facts were checked before anything was restored (resume.check)."""
         self.step, self.epoch, self.images_seen = state["step"], state["epoch"], state["images_seen"]
         self.last_val = state["last_val"]
-        self.guard.load_state_dict(state["nonfinite"])
-        self.train_loader.load_state_dict(merge_states(state["loader"]))
-        if state["world_size"] == self.dist.world_size:
-            set_rng_state(state["rng"][self.dist.rank])
+
+    def stateful_parts(self) -> dict:
+        """Everything a checkpoint holds and a resume restores, by name, in the order they are restored: adding a
+        part is one line here. None stands for a part this run does not have (a disabled scaler, no EMA)."""
+        loader, d = self.train_loader, self.dist
+        return {
+            "trainer": self, "model": self.raw_model, "optimizer": self.optimizer, "scheduler": self.scheduler,
+            "scaler": self.scaler if self.scaler.is_enabled() else None, "ema": self.ema, "nonfinite": self.guard,
+            "loader": PerRank(loader.state_dict, lambda states: loader.load_state_dict(merge_states(states)), d),
+            "rng": PerRank(rng_state, self._restore_rng, d),
+        }
+
+    def _restore_rng(self, states: list) -> None:
+        if len(states) == self.dist.world_size:
+            set_rng_state(states[self.dist.rank])
         else:  # the saved ranks' streams have no counterpart on other ranks
             seed_everything(derive_seed(self.cfg.seed, self.step, self.dist.rank))
-        if "optim.lr" in changes:
-            self._apply_lr()
-        return changes
 
-    def _apply_lr(self) -> None:
-        """optim.lr changed on resume: the schedule continues from the current step with the new base lr."""
-        base = scaled_lr(self.cfg.optim, self.global_batch)
-        self.scheduler.base_lrs = [base] * len(self.optimizer.param_groups)
-        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
-            group["initial_lr"] = base
-            group["lr"] = base * factor(self.scheduler.last_epoch)
-        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+    def load_checkpoint(self, state: dict, source: Path) -> dict:
+        """Checks `state` against this run and restores every part; returns the config keys this run changes,
+        {key: (old, new)}."""
+        changes = resume.check(state, to_dict(self.cfg), self.classes, self.global_batch, source)
+        checkpoint.restore(self.stateful_parts(), state, source)
+        if "optim.lr" in changes:
+            resume.apply_lr(self.optimizer, self.scheduler, scaled_lr(self.cfg.optim, self.global_batch))
+        return changes
 
     def _init_weights(self) -> None:
         path = self.cfg.model.init_from
         fresh = self._agree(lambda: init_from(self.raw_model, Path(path), self.cfg.model.init_head))
         if self.dist.is_main:
-            print(f"model.init_from: weights from {path}" + (f"; {', '.join(fresh)} start afresh" if fresh else ""),
-                  flush=True)
+            log.info(f"model.init_from: weights from {path}" + (f"; {', '.join(fresh)} start afresh" if fresh else ""))
 
     def _resume(self, found, saved_split):
         """Loads the checkpoint `found` on rank 0 (and, on the others, the file it names), then records the config
@@ -294,25 +224,17 @@ class Trainer:
         changes, wandb_id = {}, None
         if path is not None:
             state = found[1] if found else torch.load(path, map_location="cpu", weights_only=True)
-            changes = self._agree(lambda: self.load_checkpoint_state(state, Path(path)))
+            changes = self._agree(lambda: self.load_checkpoint(state, Path(path)))
             wandb_id = state["wandb_id"]
-        if self.dist.is_main and path is not None:
-            if self.cfg.model.init_from:
-                print(f"model.init_from={self.cfg.model.init_from} is ignored: {path} resumes the run", flush=True)
-            if saved_split["world_size"] != self.dist.world_size:
-                print(f"resuming on {self.dist.world_size} process(es) a run saved on {saved_split['world_size']}: "
-                      f"the epoch goes on from the same global sample, each remaining image read once; "
-                      f"augmentation draws and reduction order differ from an uninterrupted run (exact in "
-                      f"coverage, not bitwise)", flush=True)
         if self.dist.is_main:
-            for key, (old, new) in changes.items():
-                print(f"resuming with {key}={new} (was {old}): applied", flush=True)
+            for line in resume.notes(path, saved_split, self.dist.world_size, self.cfg.model.init_from, changes):
+                log.info(line)
             self.run.record_config(to_yaml(self.cfg), changes, self.step)
         return wandb_id
 
     def save(self, **when) -> None:
         """Saves if the checkpointer's cadence says so (see Checkpointer.save for `when`)."""
-        self.checkpointer.save(self.step, self.checkpoint_state, **when)
+        self.checkpointer.save(self.step, lambda: checkpoint.snapshot(self.stateful_parts()), **when)
 
     def autocast(self):
         dtype = AUTOCAST[self.cfg.train.precision]
@@ -323,7 +245,7 @@ class Trainer:
         at every epoch end; returns the process exit code."""
         self.stop.install()
         if self.dist.is_main:
-            (self.run_dir / "classes.json").write_text(json.dumps(self.classes))
+            self.run.write_classes(self.classes)
         trained_from, train_time = self.step, 0.0
         while self.step < self.last_step:
             epoch_start = time.perf_counter()
@@ -331,7 +253,7 @@ class Trainer:
             train_time += time.perf_counter() - epoch_start
             if end is EpochEnd.STOP:
                 self.save(force=True)
-                self.monitor.print(f"stopping on a signal at step {self.step}; checkpoint saved")
+                log.info(f"stopping on a signal at step {self.step}; checkpoint saved")
                 self.monitor.alert("stopped on a signal", f"{self.run_dir}: preempted or cancelled at step "
                                                           f"{self.step}; checkpoint saved, the job can resume")
                 return self.stop.exit_code()
@@ -446,17 +368,13 @@ class Trainer:
         sums = window.reduce()
         slowest_wait = window.max_over_ranks("data_wait")
         elapsed = time.perf_counter() - start
-        if self.device.type == "cuda":
-            memory_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        else:
-            memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         self.monitor.write("train", self.step, self.step / self.steps_per_epoch, self.images_seen, {
             "loss": sums["loss"] / sums["samples"], "top1": 100 * sums["correct"] / sums["samples"],
             "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": sums["samples"] / elapsed,
             "img_per_s_per_device": sums["samples"] / (elapsed * self.dist.world_size),
             "data_wait": sums["data_wait"] / (elapsed * self.dist.world_size), "data_wait_max": slowest_wait / elapsed,
             "step_time_s": elapsed / steps,
-            "max_mem_mb": memory_mb, "nonfinite_steps": int(self.guard.total)})
+            "max_mem_mb": peak_memory_mb(self.device), "nonfinite_steps": int(self.guard.total)})
 
     def validate(self) -> None:
         """Evaluates the model (and its EMA) on the val split and logs the result: the weights the checkpoint of
@@ -475,10 +393,10 @@ class Trainer:
     def _summary(self, images: int, train_time: float) -> None:
         v = self.last_val
         where = self.monitor.wandb_where
-        self.monitor.print(
+        log.info(
             f"done: step {self.step}, epoch {self.step / self.steps_per_epoch:.2f}: val top1 {v['top1']:.2f}% "
             f"top5 {v['top5']:.2f}% loss {v['loss']:.4f} on {v['samples']} images | "
             f"wall {time.perf_counter() - self.started:.0f} s, train {images / max(train_time, 1e-9):.1f} img/s | "
-            f"checkpoints {self.checkpointer.dir}, metrics {self.run_dir / 'metrics.jsonl'}"
+            f"checkpoints {self.checkpointer.dir}, metrics {self.run.metrics}"
             + (f", W&B {where}" if where else ", W&B off"))
         self.monitor.alert("finished", f"{self.run_dir}: step {self.step}, val top1 {v['top1']:.2f}%")
