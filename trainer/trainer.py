@@ -188,7 +188,8 @@ class Trainer:
         if num_classes < len(self.classes):
             raise ConfigError("model.num_classes", f"{num_classes} is fewer than the dataset's {len(self.classes)}")
         model = build_model(mc.name, num_classes=num_classes, shortcut=mc.shortcut,
-                            stride_in_1x1=mc.stride_in_1x1, zero_init_residual=mc.zero_init_residual)
+                            stride_in_1x1=mc.stride_in_1x1, zero_init_residual=mc.zero_init_residual,
+                            blurpool=mc.blurpool)
         if self.cfg.train.sync_bn and self.dist.world_size > 1:
             if self.device.type == "cuda":
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
