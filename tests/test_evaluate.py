@@ -103,3 +103,21 @@ def test_bad_override_is_exit_2_naming_the_key(tmp_path, capsys):
 def test_missing_file_under_torchrun_style_subprocess_has_no_traceback(tmp_path):
     result = run_evaluate(1, str(tmp_path / "missing.pt"))
     assert result.returncode == 1 and "Traceback" not in result.stderr and "no such file" in result.stderr
+
+
+def test_a_blurpool_checkpoint_evaluates_as_the_trainer_evaluated_it(tmp_path):
+    from tests.test_trainer_unit import ALONE, SMALL
+    from trainer.config import load_config
+    from trainer.trainer import Trainer
+    cfg = load_config(None, [*SMALL, "model.blurpool=true", f"run.dir={tmp_path / 'run'}"])
+    with Trainer(cfg, ALONE) as t:
+        t.train_step([next(iter(t.train_loader))])
+        t.step = 1
+        t.validate()
+        t.save(force=True)
+        want = t.last_val
+    out = tmp_path / "eval.json"
+    assert main([str(tmp_path / "run"), "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["step"] == 1 and (got["top1"], got["samples"]) == (want["top1"], want["samples"])
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)

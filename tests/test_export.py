@@ -130,14 +130,13 @@ def test_json_says_what_the_export_is(resnet18_run, exported):
     assert record["val"]["top1"] == [r for r in metrics(resnet18_run, "val") if r["step"] == STEPS][0]["top1"]
 
 
-@pytest.fixture
-def cifar_checkpoint(tmp_path):
+def write_checkpoint(run_dir: Path, *overrides: str) -> Path:
     """A checkpoint of the shape the trainer writes, with untrained weights: export needs no training."""
-    cfg = load_config(None, TINY)
-    path = tmp_path / "run" / "checkpoints" / "ckpt-000000007.pt"
+    cfg = load_config(None, [*TINY, *overrides])
+    path = run_dir / "checkpoints" / "ckpt-000000007.pt"
     path.parent.mkdir(parents=True)
     torch.manual_seed(0)
-    model = build_model("resnet20", 3)
+    model = build_model(cfg.model.name, 3, blurpool=cfg.model.blurpool)
     with torch.no_grad():
         for m in model.modules():  # BN statistics other than the identity, so a wrong fold would show
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -147,6 +146,16 @@ def cifar_checkpoint(tmp_path):
                 "epoch": 0, "last_val": {}, "ema": None, "preprocessing": None}, path)
     (path.parent / "latest").write_text(path.name + "\n")
     return path
+
+
+@pytest.fixture
+def cifar_checkpoint(tmp_path):
+    return write_checkpoint(tmp_path / "run")
+
+
+@pytest.fixture
+def blurpool_checkpoint(tmp_path):
+    return write_checkpoint(tmp_path / "blurpool", "model.blurpool=true")
 
 
 def test_cifar_net_exports_to_safetensors_with_its_builder_named(cifar_checkpoint, tmp_path):
@@ -178,6 +187,48 @@ def test_cifar_net_exports_to_onnx(cifar_checkpoint, tmp_path):
     onnx = json.loads(Path(f"{out}.json").read_text())["onnx"]
     # Random BN statistics make large logits; float32 kernels that sum in another order differ relative to them.
     assert onnx["max_abs_diff_onnxruntime"] < 1e-5 * onnx["max_abs_logit"]
+
+
+def test_blurpool_net_exports_to_safetensors_under_its_own_keys_with_its_builder(blurpool_checkpoint, tmp_path):
+    from safetensors.torch import load_file
+    out = tmp_path / "blur.safetensors"
+    assert main([str(blurpool_checkpoint), "--format", "safetensors", "--out", str(out)]) == 0
+    record = json.loads(Path(f"{out}.json").read_text())
+    assert record["builder"].endswith("blurpool=True)")
+    tensors = load_file(out)
+    assert "layer2.0.conv1.conv.weight" in tensors and not any("blur" in k for k in tensors)
+    model = build_model("resnet20", 3, blurpool=True)
+    model.load_state_dict(tensors)  # strict: the builder the JSON names takes exactly these tensors
+    assert record["fold"]["max_abs_logit_diff"] < 0.01 * record["fold"]["max_abs_logit"]
+
+
+def test_blurpool_net_to_torchvision_is_refused(tmp_path, capsys):
+    checkpoint = write_checkpoint(tmp_path / "r18", "model.name=resnet18", "model.blurpool=true")
+    assert main([str(checkpoint), "--format", "torchvision", "--out", str(tmp_path / "x.pth")]) == 1
+    assert "this one has model.blurpool=true" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_blurpool_net_exports_to_onnx_and_onnxruntime_agrees(blurpool_checkpoint, tmp_path):
+    import onnxruntime
+    out = tmp_path / "blur.onnx"
+    assert main([str(blurpool_checkpoint), "--format", "onnx", "--out", str(out)]) == 0
+    onnx = json.loads(Path(f"{out}.json").read_text())["onnx"]
+    assert onnx["max_abs_diff_onnxruntime"] < 1e-5 * onnx["max_abs_logit"]
+    # The graph really blurs: the same weights without the blur give other logits than onnxruntime's.
+    from safetensors.torch import load_file
+    weights = tmp_path / "blur.safetensors"
+    assert main([str(blurpool_checkpoint), "--format", "safetensors", "--out", str(weights)]) == 0
+    blurred, unblurred = build_model("resnet20", 3, blurpool=True).eval(), build_model("resnet20", 3).eval()
+    blurred.load_state_dict(load_file(weights))
+    unblurred.load_state_dict({k.replace(".conv.weight", ".weight"): v for k, v in load_file(weights).items()})
+    batch = torch.randn(3, 3, 32, 32)
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    logits = torch.from_numpy(session.run(["logits"], {"images": batch.numpy()})[0])
+    with torch.no_grad():
+        reference, other = blurred(batch), unblurred(batch)
+    assert (logits - reference).abs().max() < 1e-5 * reference.abs().max()
+    assert (logits - other).abs().max() > 1e-2 * reference.abs().max()
 
 
 def test_keeping_the_trained_input_changes_nothing(cifar_checkpoint, tmp_path):

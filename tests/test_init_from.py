@@ -8,6 +8,7 @@ from tests.test_trainer_unit import ALONE, SMALL
 from trainer.config import load_config
 from trainer.main import main
 from trainer.models import build_model
+from trainer.models.blurpool import BlurPoolConv2d
 from trainer.trainer import Trainer
 
 
@@ -108,3 +109,17 @@ def test_a_run_with_checkpoints_resumes_and_ignores_init_from(source, tmp_path, 
         assert t.step == 1
         assert all(torch.equal(v, own[k]) for k, v in t.raw_model.state_dict().items())
     assert f"model.init_from={source} is ignored" in capsys.readouterr().out
+
+
+def test_a_blurpool_checkpoint_starts_a_blurpool_run_and_not_one_without(tmp_path):
+    source = tmp_path / "source" / "checkpoints" / "ckpt-000000001.pt"
+    one_step_checkpoint(tmp_path / "source", "model.blurpool=true")
+    saved = torch.load(source, weights_only=True)["model"]
+    assert "layer2.0.conv1.conv.weight" in saved and not any("blur" in k for k in saved)
+    with make(tmp_path / "blur", "model.blurpool=true", f"model.init_from={source}") as t:
+        assert isinstance(t.raw_model.layer2[0].conv1, BlurPoolConv2d)
+        ours = t.raw_model.state_dict()
+        assert ours.keys() == saved.keys() and all(torch.equal(ours[k], saved[k]) for k in ours)
+    with pytest.raises(ConfigError, match=r"it has no layer2.0.conv1.weight \(the weights are of a net with "
+                                          r"model.blurpool, this model has it off\)"):
+        make(tmp_path / "plain", f"model.init_from={source}")

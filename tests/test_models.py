@@ -7,6 +7,7 @@ from torch import nn
 
 from common.errors import ConfigError
 from trainer.models import MODEL_NAMES, ModelConfig, build_model
+from trainer.models.blurpool import BlurPoolConv2d
 from trainer.models.resnet import BasicBlock, Bottleneck, ZeroPadShortcut
 
 IMAGENET_NETS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
@@ -240,7 +241,7 @@ def test_model_config_errors_name_the_key(fields, key):
 def test_model_config_defaults_and_allowed_names():
     cfg = OmegaConf.to_object(OmegaConf.structured(ModelConfig))
     assert cfg == ModelConfig(name="resnet50", shortcut=None, stride_in_1x1=False, zero_init_residual=False,
-                              num_classes=None)
+                              blurpool=False, num_classes=None)
     with pytest.raises(ConfigError, match="allowed: resnet18, resnet34"):
         ModelConfig(name="resnet51")
     ModelConfig(name="plain110", num_classes=10)
@@ -292,3 +293,72 @@ def test_design_rules(name):
         assert len(sides) == model.num_stages
         for bigger, smaller in zip(sides, sides[1:]):
             assert (smaller * 2, filters[smaller]) == (bigger, 2 * filters[bigger]), filters
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_blurpool_off_keeps_torchvisions_keys_and_on_renames_only_the_blurred_convs(name):
+    with torch.device("meta"):
+        off = build_model(name, blurpool=False)
+        on = build_model(name, blurpool=True)
+        theirs = getattr(torchvision.models, name)(weights=None)
+    assert off.state_dict().keys() == theirs.state_dict().keys()
+    # FFCV's rule: strided convs with >= 16 input channels. The 3-channel stem keeps its key (export folds into it).
+    strided = {f"layer{i}.0.{conv}" for i in (2, 3, 4) for conv in ("conv1" if name == "resnet18" else "conv2",
+                                                                     "downsample.0")}
+    renamed = {f"{k[:-len('.weight')]}.conv.weight" if k[:-len(".weight")] in strided else k
+               for k in off.state_dict()}
+    assert set(on.state_dict()) == renamed and "conv1.weight" in on.state_dict()
+    assert {n for n, m in on.named_modules() if isinstance(m, BlurPoolConv2d)} == strided
+    assert count(on) == count(off)
+    with pytest.raises(RuntimeError, match="conv.weight"):  # documented: not torchvision-loadable
+        theirs.load_state_dict(on.state_dict())
+
+
+def test_blurpool_keeps_the_same_seeds_weights_and_holds_no_filter_in_the_state_dict():
+    torch.manual_seed(0)
+    off = build_model("resnet20", num_classes=10)
+    torch.manual_seed(0)
+    on = build_model("resnet20", num_classes=10, blurpool=True)
+    state = on.state_dict()
+    assert not any("blur" in k for k in state)
+    assert [torch.equal(a, b) for a, b in zip(off.state_dict().values(), state.values())] == [True] * len(state)
+    assert any("blur_filter" in n for n, _ in on.named_buffers())  # there, and moved by .to(), but not saved
+
+
+def test_blurpool_conv_is_the_conv_of_the_input_blurred_by_hand():
+    torch.manual_seed(0)
+    wrapped = build_model("resnet20", num_classes=10, blurpool=True).layer2[0].conv1
+    assert isinstance(wrapped, BlurPoolConv2d) and wrapped.conv.stride == (2, 2)
+    x = torch.randn(2, 16, 9, 9)
+    padded = nn.functional.pad(x, (1, 1, 1, 1))
+    # [1, 2, 1] x [1, 2, 1] / 16 at every pixel, written out as a weighted sum of the 9 shifted copies.
+    weights = torch.tensor([1.0, 2.0, 1.0])
+    blurred = sum(weights[i] * weights[j] / 16 * padded[:, :, i:i + 9, j:j + 9] for i in range(3) for j in range(3))
+    with torch.no_grad():
+        out = wrapped(x)
+        assert torch.allclose(out, wrapped.conv(blurred), atol=1e-6)
+        assert not torch.allclose(out, wrapped.conv(x), atol=1e-2)
+
+
+def test_blurpool_removes_the_checkerboard_that_plain_striding_aliases_to_a_constant():
+    """The highest frequency a map can hold, (-1)^(i+j), sampled at stride 2 looks constant (aliasing); the blur
+    averages it to exactly zero away from the border, so the blurred strided conv sees nothing there."""
+    torch.manual_seed(0)
+    plain = build_model("resnet20", num_classes=10).layer2[0].conv1
+    blurred = build_model("resnet20", num_classes=10, blurpool=True).layer2[0].conv1
+    blurred.conv.load_state_dict(plain.state_dict())
+    i = torch.arange(16)
+    checkerboard = ((-1.0) ** (i.view(-1, 1) + i.view(1, -1))).expand(1, 16, 16, 16)
+    inside = (slice(None), slice(None), slice(1, -1), slice(1, -1))
+    with torch.no_grad():
+        assert plain(checkerboard)[inside].abs().mean() > 0.1
+        assert blurred(checkerboard)[inside].abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnet20", "plain20"])
+def test_blurpool_nets_train(name):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=5, blurpool=True).train()
+    loss = nn.functional.cross_entropy(model(input_for(name)), torch.tensor([1, 3]))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())

@@ -270,3 +270,82 @@ def test_large_batch_preset_is_mlperfs_32k_lars():
     assert (cfg.optim.lars_eta, cfg.optim.lars_epsilon, cfg.train.label_smoothing) == (1e-3, 0.0, 0.1)
     assert not cfg.optim.decay_bn_and_bias
     assert large_batch_warning(cfg.optim, 32768) is None
+
+
+def triangular(peak_epoch=2.0) -> ScheduleConfig:
+    return ScheduleConfig(name="triangular", warmup_epochs=0, peak_epoch=peak_epoch)
+
+
+def test_triangular_rises_to_the_peak_epoch_then_falls_to_zero_at_the_end():
+    """FFCV's get_cyclic_lr: np.interp(epoch, [0, peak, epochs], [1e-4, 1, 0]), evaluated at every iteration."""
+    cfg, spe, total = triangular(2), 10, 16 * 10
+    assert lr_factor(cfg, 0, spe, total) == pytest.approx(1e-4)
+    assert lr_factor(cfg, 5, spe, total) == pytest.approx(1e-4 + (1 - 1e-4) * 0.25)  # a quarter up, mid-epoch 0
+    assert lr_factor(cfg, 20, spe, total) == pytest.approx(1.0)
+    assert lr_factor(cfg, 20 + 70, spe, total) == pytest.approx(0.5)
+    assert lr_factor(cfg, total - 1, spe, total) == pytest.approx(1 / 140)
+    assert lr_factor(cfg, total, spe, total) == 0.0
+    rising = [lr_factor(cfg, s, spe, total) for s in range(21)]
+    falling = [lr_factor(cfg, s, spe, total) for s in range(20, total + 1)]
+    assert rising == sorted(rising) and falling == sorted(falling, reverse=True)
+
+
+@pytest.mark.parametrize("epochs", [4, 16, 88])
+def test_triangular_stretches_over_any_epoch_count(epochs):
+    cfg, spe = triangular(2), 8
+    total = epochs * spe
+    assert lr_factor(cfg, 2 * spe, spe, total) == pytest.approx(1.0)
+    assert lr_factor(cfg, 2 * spe + (total - 2 * spe) // 2, spe, total) == pytest.approx(0.5)
+    assert lr_factor(cfg, total, spe, total) == 0.0
+    # A fractional peak lands between iterations.
+    assert lr_factor(triangular(0.5), 2, spe, total) == pytest.approx(1e-4 + (1 - 1e-4) * 0.5)
+
+
+def test_triangular_resumes_mid_schedule_with_the_same_lr():
+    model = torch.nn.Linear(2, 2)
+    spe, total = 4, 40
+
+    def scheduler():
+        opt = build_optimizer(model, OptimConfig(), lr=0.4)
+        return opt, build_scheduler(opt, triangular(2), steps_per_epoch=spe, total_steps=total)
+
+    opt, sched = scheduler()
+    uninterrupted = []
+    for _ in range(total):
+        uninterrupted.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert uninterrupted == pytest.approx([0.4 * lr_factor(triangular(2), s, spe, total) for s in range(total)])
+    assert max(uninterrupted) == pytest.approx(0.4) and uninterrupted.index(max(uninterrupted)) == 2 * spe
+
+    opt, sched = scheduler()
+    for _ in range(13):  # past the peak, mid-epoch
+        opt.step()
+        sched.step()
+    opt2, sched2 = scheduler()  # as the trainer resumes: both state dicts, then the lr from the step alone
+    opt2.load_state_dict(opt.state_dict())
+    sched2.load_state_dict(sched.state_dict())
+    assert sched2.last_epoch == 13 and 0.4 * sched2.lr_lambdas[0](sched2.last_epoch) == pytest.approx(uninterrupted[13])
+    resumed = []
+    for _ in range(13, total):
+        resumed.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        sched2.step()
+    assert resumed == uninterrupted[13:]
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["schedule.peak_epoch=0"], "schedule.peak_epoch"),
+    (["schedule.peak_epoch=90"], "schedule.peak_epoch"),  # train.epochs is 90: the lr would never come down
+    (["train.epochs=2"], "schedule.peak_epoch"),  # the default peak, 2, is no longer inside the run
+    (["schedule.warmup_epochs=5"], "schedule.warmup_epochs"),
+])
+def test_bad_triangular_values_name_the_key(overrides, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["schedule.name=triangular", "schedule.warmup_epochs=0", *overrides])
+    assert e.value.key == key
+
+
+def test_triangular_with_ffcvs_peak_loads():
+    cfg = load_config(None, ["schedule.name=triangular", "schedule.warmup_epochs=0", "train.epochs=16"])
+    assert (cfg.schedule.name, cfg.schedule.peak_epoch) == ("triangular", 2.0)

@@ -118,6 +118,7 @@ class Config:
     def __post_init__(self):
         if not 0 <= self.seed < 2**32:
             raise ConfigError("seed", f"must be in [0, 2**32), got {self.seed}")
+        self.schedule.check_epochs(self.train.epochs)
 
 
 def _describe(e: OmegaConfBaseException) -> Tuple[str, str]:

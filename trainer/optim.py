@@ -5,13 +5,16 @@ import math
 from dataclasses import dataclass, field
 from typing import List, NamedTuple, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
 from common.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "lars")
-SCHEDULES = ("cosine", "step", "poly", "constant")
+SCHEDULES = ("cosine", "step", "poly", "constant", "triangular")
+# FFCV's get_cyclic_lr starts its ramp at 1e-4 x the peak lr, not at 0.
+TRIANGULAR_START = 1e-4
 
 
 @dataclass
@@ -61,7 +64,9 @@ class OptimConfig:
 class ScheduleConfig:
     name: str = "cosine"
     """Decay after warmup: cosine (to 0 at the last step), step (x gamma at each milestone), poly (polynomial, to
-    end_lr_factor at the last step; MLPerf's LARS schedule) or constant."""
+    end_lr_factor at the last step; MLPerf's LARS schedule), constant, or triangular (FFCV's ResNet recipes:
+    linear from 1e-4 x the lr up to the lr at peak_epoch, then linear down to 0 at the end of train.epochs; the
+    ramp is its warmup, so it takes warmup_epochs=0)."""
     warmup_epochs: float = 5.0
     """Epochs of per-iteration linear warmup from 0 to the scaled lr."""
     milestones: List[int] = field(default_factory=lambda: [30, 60, 80])
@@ -72,6 +77,9 @@ class ScheduleConfig:
     """Poly decay: the exponent of (1 - progress); MLPerf's ResNet-50 LARS schedule uses 2."""
     end_lr_factor: float = 0.0
     """Poly decay: the lr reached at the end of the schedule, as a fraction of the scaled lr."""
+    peak_epoch: float = 2.0
+    """Triangular: the epoch (fractional allowed) at which the lr peaks; in (0, train.epochs). FFCV's rn50 configs
+    use 2."""
 
     def __post_init__(self):
         if self.name not in SCHEDULES:
@@ -86,6 +94,18 @@ class ScheduleConfig:
             raise ConfigError("schedule.power", f"must be positive, got {self.power}")
         if not 0 <= self.end_lr_factor < 1:
             raise ConfigError("schedule.end_lr_factor", f"must be in [0, 1), got {self.end_lr_factor}")
+        if not self.peak_epoch > 0:
+            raise ConfigError("schedule.peak_epoch", f"must be positive, got {self.peak_epoch}")
+        if self.name == "triangular" and self.warmup_epochs > 0:
+            raise ConfigError("schedule.warmup_epochs", f"must be 0 with schedule.name=triangular, got "
+                                                        f"{self.warmup_epochs}: its ramp up to schedule.peak_epoch "
+                                                        f"is the warmup")
+
+    def check_epochs(self, epochs: int) -> None:
+        """What needs train.epochs, which this config does not hold: the root config calls it."""
+        if self.name == "triangular" and not self.peak_epoch < epochs:
+            raise ConfigError("schedule.peak_epoch", f"must be below train.epochs={epochs} for the lr to come "
+                                                     f"down again, got {self.peak_epoch}")
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
@@ -212,7 +232,13 @@ def large_batch_warning(cfg: OptimConfig, global_batch: int) -> Optional[str]:
 
 
 def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
-    """Multiplier of the scaled lr at optimizer step `step` (0-based), changing every iteration."""
+    """Multiplier of the scaled lr at optimizer step `step` (0-based), changing every iteration. A pure function
+    of the step: a resumed scheduler (its state is the step) goes on exactly where it stopped."""
+    if cfg.name == "triangular":
+        # FFCV's get_cyclic_lr at the step's fractional epoch. FFCV itself interpolates within each epoch between
+        # that epoch's end points, which is the same wherever peak_epoch is a whole epoch.
+        epochs = total_steps / steps_per_epoch
+        return float(np.interp(step / steps_per_epoch, [0, cfg.peak_epoch, epochs], [TRIANGULAR_START, 1, 0]))
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     if step < warmup:
         return (step + 1) / warmup

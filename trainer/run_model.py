@@ -32,7 +32,8 @@ def build(cfg, num_data_classes: int, d: Dist) -> nn.Module:
     if num_classes < num_data_classes:
         raise ConfigError("model.num_classes", f"{num_classes} is fewer than the dataset's {num_data_classes}")
     model = build_model(mc.name, num_classes=num_classes, shortcut=mc.shortcut,
-                        stride_in_1x1=mc.stride_in_1x1, zero_init_residual=mc.zero_init_residual)
+                        stride_in_1x1=mc.stride_in_1x1, zero_init_residual=mc.zero_init_residual,
+                        blurpool=mc.blurpool)
     if cfg.train.sync_bn and d.world_size > 1:
         if d.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

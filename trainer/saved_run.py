@@ -65,7 +65,8 @@ def num_classes_of(state: dict, cfg: Config) -> int:
 
 def builder_options(cfg: Config) -> dict:
     mc = cfg.model
-    return dict(shortcut=mc.shortcut, stride_in_1x1=mc.stride_in_1x1, zero_init_residual=mc.zero_init_residual)
+    return dict(shortcut=mc.shortcut, stride_in_1x1=mc.stride_in_1x1, zero_init_residual=mc.zero_init_residual,
+                blurpool=mc.blurpool)
 
 
 def torchvision_compatible(cfg: Config) -> Optional[str]:
@@ -77,6 +78,8 @@ def torchvision_compatible(cfg: Config) -> Optional[str]:
         return f"torchvision's {mc.name} has shortcut B, this one {mc.shortcut}"
     if mc.stride_in_1x1:
         return f"torchvision's {mc.name} is v1.5 (stride in the 3x3 conv), this one has model.stride_in_1x1=true"
+    if mc.blurpool:
+        return f"torchvision's {mc.name} has no blur before its strided convs, this one has model.blurpool=true"
     return None
 
 

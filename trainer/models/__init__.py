@@ -6,11 +6,12 @@ from torch import nn
 
 from common.errors import ConfigError
 from data.config import MAX_CLASSES
+from trainer.models.blurpool import apply_blurpool
 from trainer.models.resnet import MODEL_NAMES, option_errors, resnet
 
 __all__ = ["MODEL_NAMES", "ModelConfig", "build_model"]
 
-OPTIONS = ("shortcut", "stride_in_1x1", "zero_init_residual")
+OPTIONS = ("shortcut", "stride_in_1x1", "zero_init_residual", "blurpool")
 
 
 @dataclass
@@ -26,6 +27,10 @@ class ModelConfig:
     (v1.5, torchvision and NVIDIA)."""
     zero_init_residual: bool = False
     """Start the last BN scale of every residual block at 0, so each block begins as relu(shortcut(x))."""
+    blurpool: bool = False
+    """Blur ([1,2,1] x [1,2,1] / 16, per channel) the input of every strided conv with >= 16 input channels, against
+    aliasing (Zhang 2019; FFCV's ResNet-50 recipe). Those convs' weights are then saved as `<name>.conv.weight`, so
+    the weights no longer load into torchvision; off, the net is torchvision's."""
     num_classes: Optional[int] = None
     """Classifier outputs; null takes the number of classes from the dataset. At most 100000, like
     data.num_classes."""
@@ -57,4 +62,5 @@ def build_model(name: str, num_classes: int = 1000, **options) -> nn.Module:
     errors = option_errors(name, shortcut, stride_in_1x1, zero_init_residual, num_classes)
     if errors:
         raise ValueError("; ".join(f"{field}: {message}" for field, message in errors))
-    return resnet(name, num_classes, shortcut, stride_in_1x1, zero_init_residual)
+    model = resnet(name, num_classes, shortcut, stride_in_1x1, zero_init_residual)
+    return apply_blurpool(model) if options.get("blurpool", False) else model

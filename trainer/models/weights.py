@@ -50,6 +50,16 @@ def read_weights(path: Path) -> dict:
     return loaded
 
 
+def blurpool_hint(missing: str, source: dict) -> str:
+    """Why `missing` may be absent when the source differs from the model only in model.blurpool (which renames
+    a blurred conv's `X.weight` to `X.conv.weight`)."""
+    if missing.endswith(".conv.weight") and missing.replace(".conv.weight", ".weight") in source:
+        return " (the weights are of a net without model.blurpool, this model has it)"
+    if missing.endswith(".weight") and missing.replace(".weight", ".conv.weight") in source:
+        return " (the weights are of a net with model.blurpool, this model has it off)"
+    return ""
+
+
 def init_from(model: nn.Module, path: Path, init_head: bool) -> list:
     """Copies the weights in `path` into `model`, the classifier too when `init_head`; returns the names of the
     tensors left as initialised. The first tensor that is missing, extra or of another shape is an error."""
@@ -63,7 +73,7 @@ def init_from(model: nn.Module, path: Path, init_head: bool) -> list:
         if not wanted(key):
             continue
         if key not in source:
-            raise ConfigError(KEY, f"{path} does not fit this model: it has no {key}")
+            raise ConfigError(KEY, f"{path} does not fit this model: it has no {key}{blurpool_hint(key, source)}")
         if source[key].shape != tensor.shape:
             hint = (" (another class count: model.init_head=false starts the classifier afresh)"
                     if key.startswith(HEAD) else "")
