@@ -10,32 +10,12 @@ import argparse
 import json
 import platform
 import statistics
-import time
 
 import torch
-import torch.nn.functional as F
 
+from bench.step_cost import interleaved, paired_ratio, train_step
 from trainer.models import build_model
 from trainer.models.blurpool import BlurPoolConv2d
-
-
-def step_fn(model_name: str, blurpool: bool, batch: int, size: int, channels_last: bool):
-    torch.manual_seed(0)
-    model = build_model(model_name, num_classes=1000, blurpool=blurpool)
-    images = torch.randn(batch, 3, size, size)
-    labels = torch.randint(1000, (batch,))
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        images = images.contiguous(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step():
-        loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
 
 
 def multiply_adds(model_name: str, size: int) -> tuple:
@@ -59,13 +39,6 @@ def multiply_adds(model_name: str, size: int) -> tuple:
     return counts["blur"], counts["conv"]
 
 
-def time_steps(step, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.blurpool_cost", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,23 +55,19 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    steps = {v: step_fn(args.model, v, args.batch, args.image_size, args.channels_last) for v in (False, True)}
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step()
-    per_image = {False: [], True: []}
-    for _ in range(args.repeats):
-        for variant, step in steps.items():
-            per_image[variant].append(time_steps(step, args.steps) / args.batch)
-
+    steps = {v: train_step(args.model, batch=args.batch, size=args.image_size, channels_last=args.channels_last,
+                           blurpool=v) for v in (False, True)}
+    per_image = interleaved(steps, batch=args.batch, repeats=args.repeats, steps_per_repeat=args.steps,
+                            warmup=args.warmup)
     off, on = (statistics.median(per_image[v]) for v in (False, True))
-    paired = [b / a for a, b in zip(per_image[False], per_image[True])]
+    ratio = paired_ratio(per_image, True, False)
+    paired = ratio["per_repeat"]
     blur_macs, net_macs = multiply_adds(args.model, args.image_size)
     result = {"model": args.model, "batch": args.batch, "image_size": args.image_size,
               "channels_last": args.channels_last, "threads": torch.get_num_threads(), "fp32": True,
               "steps_per_repeat": args.steps, "repeats": args.repeats, "ms_per_image_off": 1e3 * off,
-              "ms_per_image_on": 1e3 * on, "ratio_paired_median": statistics.median(paired),
-              "ratio_of_medians": on / off, "ratio_per_repeat": paired,
+              "ms_per_image_on": 1e3 * on, "ratio_paired_median": ratio["paired_median"],
+              "ratio_of_medians": ratio["of_medians"], "ratio_per_repeat": paired,
               "blur_macs_per_image": blur_macs, "net_macs_per_image": net_macs,
               "torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
     print(f"{args.model}, batch {args.batch}, {args.image_size} px, fp32, "
