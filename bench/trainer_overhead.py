@@ -20,7 +20,8 @@ from bench.throughput import throughput, train_records
 from trainer import distributed
 from trainer.config import load_config
 from trainer.models import build_model
-from trainer.trainer import AUTOCAST, Trainer
+from trainer.precision import autocast
+from trainer.trainer import Trainer
 
 
 def bare_loop(model_name: str, precision: str, batch: int, size: int, steps: int, warmup: int,
@@ -34,11 +35,9 @@ def bare_loop(model_name: str, precision: str, batch: int, size: int, steps: int
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    dtype = AUTOCAST[precision]
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
 
     def step():
-        with autocast():
+        with autocast(device, precision):
             loss = F.cross_entropy(model(images), labels)
         loss.backward()
         optimizer.step()

@@ -1,10 +1,8 @@
 """Entry point: `python -m trainer.main [--config FILE] [key=value ...]`, alone or under torchrun."""
 import sys
 
-import torch
-
 from common.errors import CheckpointError, ConfigError, DataError, Diverged, UserInputError
-from trainer import distributed
+from trainer import distributed, precision
 from trainer.config import check_paths, load_config, parse_args, to_yaml
 
 EXIT_USAGE = 2
@@ -19,8 +17,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        if cfg.train.precision == "fp16" and not torch.cuda.is_available():
-            raise ConfigError("train.precision", "fp16 needs a CUDA device (GradScaler); on CPU use bf16 or fp32")
+        precision.check_device(cfg.train.precision)
         if not args.print_config:
             check_paths(cfg)
     except ConfigError as e:
