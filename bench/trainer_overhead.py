@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.throughput import throughput, train_records
+from common import cli
 from trainer import distributed
 from trainer.config import load_config
 from trainer.models import build_model
@@ -72,7 +73,7 @@ def trainer_loop(model_name: str, precision: str, batch: int, size: int, steps: 
         return throughput(train_records(run_dir), batch).img_per_s
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.trainer_overhead", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet20")
@@ -84,7 +85,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--resnet50", action="store_true", help="also ResNet-50 at batch 16, 224 px (slow on CPU)")
     parser.add_argument("--json", type=Path, help="write the figures here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def overhead_command(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads, {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}",
@@ -108,6 +112,11 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0
+
+
+
+def main(argv=None) -> int:
+    return cli.run(parse_args, overhead_command, argv)
 
 
 if __name__ == "__main__":

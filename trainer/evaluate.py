@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.errors import ConfigError, DataError, UserInputError
+from common import cli
+from common.errors import UserInputError
 from data.build import build_loader
 from data.config import preprocessing
 from trainer import distributed, saved_run
@@ -79,37 +80,26 @@ def _report(result: dict) -> str:
     return line
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        source = saved_run.resolve(args.checkpoint)
-        state = saved_run.load(source)
-        cfg = saved_run.config_of(state, args.overrides)
-        check_device(cfg.train.precision)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except UserInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def evaluate_command(args: argparse.Namespace) -> int:
+    source = saved_run.resolve(args.checkpoint)
+    state = saved_run.load(source)
+    cfg = saved_run.config_of(state, args.overrides)
+    check_device(cfg.train.precision)
     d = distributed.init(cfg.distributed)
-    try:
-        result = evaluate_checkpoint(source, state, cfg, d, ema=args.ema)
-    except (DataError, UserInputError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        distributed.shutdown()
+    result = evaluate_checkpoint(source, state, cfg, d, ema=args.ema)
     if d.is_main:
         out = args.json or source.with_name(f"{source.stem}.eval{'-ema' if args.ema else ''}.json")
         print(_report(result))
         try:
             out.write_text(json.dumps(result, indent=1) + "\n")
         except OSError as e:
-            print(f"error: cannot write {out}: {e.strerror or e}; choose another place with --json", file=sys.stderr)
-            return 1
+            raise UserInputError(f"--json: cannot write {out}: {e.strerror or e}; choose another place") from None
         print(f"written to {out}")
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return cli.run(parse_args, evaluate_command, argv, close=distributed.shutdown)
 
 
 if __name__ == "__main__":
