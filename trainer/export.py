@@ -186,6 +186,8 @@ def export_command(args: argparse.Namespace) -> int:
         record = export(args.checkpoint, args.format, args.out, ema=args.ema, input_kind=args.input_kind)
     except ImportError as e:  # an optional package of the [export] extra
         raise UserInputError(f"--format {args.format}: {e} (pip install '.[export]')") from None
+    except OSError as e:  # --out in a folder that cannot be written
+        raise UserInputError(f"--out {args.out}: cannot write: {e.strerror or e}") from None
     val, pre = record["val"], record["preprocessing"]
     print(f"{args.out}: {record['model']} ({record['source']['weights']}) of step {record['source']['step']}, "
           f"{record['num_classes']} classes; input: {pre.get('transforms', 'as trained')}"
