@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
+from common import cli
 from trainer.models import build_model
 
 MIB = 2**20
@@ -312,7 +313,7 @@ def predict(args: argparse.Namespace, bucket_bytes: list) -> list:
     return rows
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.allreduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", default="fp32,bf16", help="gradient dtypes of the all-reduce measurement")
@@ -340,7 +341,10 @@ def main(argv=None) -> int:
     model.add_argument("--gpu-img-per-s", type=float, default=4000.0, help="one GPU's training images/s")
     model.add_argument("--batch-per-gpu", type=int, default=256)
     model.add_argument("--backward-share", type=float, default=2 / 3, help="backward's share of a step")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def allreduce_command(args: argparse.Namespace) -> int:
 
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "torch": torch.__version__, "args": vars(args) | {"json": str(args.json)}}
@@ -387,6 +391,11 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0
+
+
+
+def main(argv=None) -> int:
+    return cli.run(parse_args, allreduce_command, argv)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,12 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 
 import torch
 
 from bench.step_cost import interleaved, paired_ratio, train_step
+from common import cli
 from trainer.models import build_model
 from trainer.models.blurpool import BlurPoolConv2d
 
@@ -39,7 +41,7 @@ def multiply_adds(model_name: str, size: int) -> tuple:
     return counts["blur"], counts["conv"]
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.blurpool_cost", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet50")
@@ -51,7 +53,10 @@ def main(argv=None) -> int:
     parser.add_argument("--channels-last", action="store_true", help="NHWC, as the trainer's default")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps PyTorch's default")
     parser.add_argument("--json", help="also write the figures here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def blurpool_cost_command(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -85,5 +90,9 @@ def main(argv=None) -> int:
     return 0
 
 
+def main(argv=None) -> int:
+    return cli.run(parse_args, blurpool_cost_command, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

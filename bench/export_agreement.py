@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from common import cli
 from data.build import build_loader
 from data.folder import list_split
 from trainer import saved_run
@@ -20,12 +21,15 @@ from trainer.export import export, to_torchvision_input
 
 
 @torch.no_grad()
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.export_agreement", description=__doc__)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--data", help="dataset root (default: the run's data.root)")
     parser.add_argument("--batch-size", type=int, default=64)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def agreement_command(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "model.safetensors"
@@ -75,6 +79,11 @@ def main(argv=None) -> int:
                       "predictions_differing_on_dali_pixels": int((ours != folded).sum()),
                       "fold": record["fold"]}, indent=1))
     return 0
+
+
+
+def main(argv=None) -> int:
+    return cli.run(parse_args, agreement_command, argv)
 
 
 if __name__ == "__main__":

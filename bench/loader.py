@@ -26,6 +26,8 @@ import time
 
 from bench.images import CLASSES, SAMPLES_ARCHIVE, extract_samples, make_images
 from bench.photos import make_photos
+from common import cli
+from common.errors import DataError
 
 VARIANTS = {  # name -> DataConfig overrides
     "dali": {"backend": "dali"},
@@ -307,7 +309,7 @@ def _write_json(path, figures: dict):
             json.dump(figures, f, indent=2)
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.loader", description=__doc__.splitlines()[0])
     parser.add_argument("--root", help="dataset root with train/ and val/")
     parser.add_argument("--make-photos", metavar="DIR", help="write the photograph set (bench.photos) to DIR and exit")
@@ -334,6 +336,12 @@ def main(argv=None):
     parser.add_argument("--step-ms", type=float, default=0.0, help="--stall: training step stood for by a sleep")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # the subprocess' own variant
     args = parser.parse_args(argv)
+    if not (args.root or args.make_photos or args.make_images or args.make_imagenet):
+        parser.error("--root (or --make-photos, --make-images, --make-imagenet) is required")
+    return args
+
+
+def loader_command(args: argparse.Namespace) -> int:
 
     if args.make_photos:
         stats = make_photos(args.make_photos, args.count)
@@ -349,13 +357,11 @@ def main(argv=None):
         try:
             stats = extract_samples(args.source, args.make_imagenet)
         except (OSError, ValueError) as error:
-            sys.exit(f"error: {error}")
+            raise DataError(f"--from {args.source}: {error}") from None
         print(f"wrote {stats['val']} val JPEGs of {stats['classes']} classes ({stats['grayscale']} grayscale) and as "
               f"many train symlinks to them under {args.make_imagenet}: mean {stats['mean_width']:.0f}x"
               f"{stats['mean_height']:.0f}, {stats['mean_kib']:.1f} KiB, {stats['bytes_per_pixel']:.2f} bytes/pixel")
         return
-    if not args.root:
-        parser.error("--root (or --make-photos, --make-images, --make-imagenet) is required")
     if args.variant:
         print(json.dumps(_measure(args)))
         return
@@ -376,5 +382,10 @@ def main(argv=None):
     _write_json(args.json, report)
 
 
+
+def main(argv=None) -> int:
+    return cli.run(parse_args, loader_command, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

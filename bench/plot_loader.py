@@ -5,11 +5,14 @@ against the decode ceiling.
 """
 import argparse
 import json
+import sys
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt
+
+from common import cli
 
 
 def plot(report: dict, out: str, title: str) -> None:
@@ -34,17 +37,25 @@ def plot(report: dict, out: str, title: str) -> None:
     fig.savefig(out)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.plot_loader", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("json", help="bench.loader --json output")
     parser.add_argument("png", help="image to write")
     parser.add_argument("--title", default="", help="plot title (default: threads and batch)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def plot_command(args: argparse.Namespace) -> int:
     with open(args.json) as f:
         plot(json.load(f), args.png, args.title)
     return 0
 
 
+
+def main(argv=None) -> int:
+    return cli.run(parse_args, plot_command, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

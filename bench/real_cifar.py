@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from common import cli
 from common.errors import DataError
 from data.folder import layout_root
 from trainer.plot import read_metrics
@@ -88,7 +89,7 @@ def report(results: dict, epochs: int, nproc: int, images: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.real_cifar", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, required=True, help="cifar10-jpeg.tar or its extracted folder")
     parser.add_argument("--epochs", type=int, default=2)
@@ -100,16 +101,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.nproc < 1 or 128 % args.nproc:
         parser.error(f"--nproc must divide the global batch of 128, got {args.nproc}")
+    if args.out and (args.out / "service").exists():
+        parser.error(f"--out {args.out} already holds a run: give a new folder (a rerun would resume it, not train)")
+    return args
+
+
+def real_cifar_command(args: argparse.Namespace) -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="real_cifar-"))
-    if (out / "service").exists():
-        parser.error(f"--out {out} already holds a run: give a new folder (a rerun would resume it, not train)")
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="cifar10-") as scratch:
         try:
             root = layout_root(args.root, Path(scratch) / "data")
         except DataError as e:
-            print(f"error: --root: {e}", file=sys.stderr)
-            return 1
+            raise DataError(f"--root: {e}") from None
         train_images = sum(len(files) for _, _, files in os.walk(root / "train"))
         images = args.epochs * (train_images // 128) * 128  # both drop the last partial global batch
         print(f"data {root}, logs in {out}", flush=True)
@@ -127,6 +131,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"epochs": args.epochs, "nproc": args.nproc, **results}, indent=2) + "\n")
     return 0
+
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return cli.run(parse_args, real_cifar_command, argv)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,17 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 
 import torch
 
 from bench.step_cost import interleaved, paired_ratio, train_step
+from common import cli
 
 BASELINE = 224
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.resolution_cost", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet50")
@@ -34,7 +36,10 @@ def main(argv=None) -> int:
     parser.add_argument("--channels-last", action="store_true", help="NHWC, as the trainer's default")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps PyTorch's default")
     parser.add_argument("--json", help="also write the figures here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def resolution_cost_command(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = sorted(set(args.sizes) | {BASELINE})
@@ -66,5 +71,9 @@ def main(argv=None) -> int:
     return 0
 
 
+def main(argv=None) -> int:
+    return cli.run(parse_args, resolution_cost_command, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -17,10 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from bench.throughput import throughput, train_records
+from common import cli
 from trainer import distributed
 from trainer.config import load_config
 from trainer.models import build_model
-from trainer.trainer import AUTOCAST, Trainer
+from trainer.precision import autocast
+from trainer.trainer import Trainer
 
 
 def bare_loop(model_name: str, precision: str, batch: int, size: int, steps: int, warmup: int,
@@ -34,11 +36,9 @@ def bare_loop(model_name: str, precision: str, batch: int, size: int, steps: int
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    dtype = AUTOCAST[precision]
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
 
     def step():
-        with autocast():
+        with autocast(device, precision):
             loss = F.cross_entropy(model(images), labels)
         loss.backward()
         optimizer.step()
@@ -73,7 +73,7 @@ def trainer_loop(model_name: str, precision: str, batch: int, size: int, steps: 
         return throughput(train_records(run_dir), batch).img_per_s
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.trainer_overhead", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet20")
@@ -85,7 +85,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--resnet50", action="store_true", help="also ResNet-50 at batch 16, 224 px (slow on CPU)")
     parser.add_argument("--json", type=Path, help="write the figures here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def overhead_command(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads, {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}",
@@ -109,6 +112,11 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0
+
+
+
+def main(argv=None) -> int:
+    return cli.run(parse_args, overhead_command, argv)
 
 
 if __name__ == "__main__":

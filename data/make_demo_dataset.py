@@ -29,7 +29,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from common.errors import DataError
+from common import cli
+from common.errors import DataError, UserInputError
 
 # Bump when the drawing changes, so that datasets made by an older generator are regenerated.
 GENERATOR_VERSION = 2
@@ -302,11 +303,11 @@ def make_demo_dataset(out: Path, params: DemoParams, workers: int = 2) -> Path:
     """Generate the dataset into out unless a complete one with the same params is there already."""
     names = params.class_names
     if not 1 <= params.classes <= len(names):
-        raise ValueError(f"classes must be in [1, {len(names)}], got {params.classes}")
+        raise UserInputError(f"--classes: must be in [1, {len(names)}], got {params.classes}")
     if params.train_per_class < 1 or params.val_per_class < 1:
-        raise ValueError("train_per_class and val_per_class must be >= 1")
+        raise UserInputError("--train-per-class and --val-per-class must be >= 1")
     if params.small_side < 0 or 0 < params.small_side < 8:
-        raise ValueError(f"small_side must be 0 (the demo's images) or >= 8 pixels, got {params.small_side}")
+        raise UserInputError(f"--small-side: must be 0 (the demo's images) or >= 8 pixels, got {params.small_side}")
     out = Path(out)
     if not _is_complete(out, params):
         _refuse_foreign(out)
@@ -352,7 +353,7 @@ def ensure_demo_dataset(out, seed: int = 0) -> Path:
     return out
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     defaults = DemoParams()
     parser = argparse.ArgumentParser(prog="python -m data.make_demo_dataset", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="output folder (gets train/, val/, classes.txt)")
@@ -364,16 +365,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--small-side", type=int, default=defaults.small_side,
                         help="make the small variant with images of this side (e.g. 40); 0: the demo's images")
     parser.add_argument("--workers", type=int, default=2, help="generating processes")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def make_demo_command(args: argparse.Namespace) -> int:
     params = DemoParams(args.seed, args.classes, args.train_per_class, args.val_per_class, args.small_side)
-    try:
-        make_demo_dataset(args.out, params, workers=args.workers)
-    except (ValueError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    make_demo_dataset(args.out, params, workers=args.workers)
     print(f"demo dataset ready: {args.out} ({params.classes} classes, "
           f"{params.train_per_class}/{params.val_per_class} train/val images per class)")
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return cli.run(parse_args, make_demo_command, argv)
 
 
 if __name__ == "__main__":

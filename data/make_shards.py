@@ -40,7 +40,8 @@ from typing import Callable, Iterable, Iterator, List, Optional
 import numpy as np
 from tqdm import tqdm
 
-from common.errors import DataError
+from common import cli
+from common.errors import DataError, UserInputError
 from data.folder import list_split
 from data.image_files import CMYK, GRAYSCALE, NOT_JPEG, OK, check_file
 from data.make_demo_dataset import DemoParams, make_demo_dataset
@@ -351,7 +352,7 @@ def _summary(manifest: dict, out) -> str:
     return f"{out}: " + ", ".join(parts) + f"; {MANIFEST} lists them"
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m data.make_shards", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("root", nargs="?", type=Path, help="dataset root holding train/ and val/")
@@ -365,28 +366,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--verify", type=Path, metavar="DIR", help="compare DIR's shards with its manifest, byte "
                                                                    "for byte (sha256), instead of writing")
     args = parser.parse_args(argv)
+    if args.verify is not None and (args.root or args.out):
+        parser.error("--verify DIR takes no ROOT or --out")
+    if args.verify is None and (args.root is None or args.out is None):
+        parser.error("ROOT and --out are required (or --verify DIR)")
+    return args
+
+
+def make_shards_command(args: argparse.Namespace) -> int:
     if args.verify is not None:
-        if args.root or args.out:
-            parser.error("--verify DIR takes no ROOT or --out")
-        try:
-            problems = verify_shards(args.verify)
-        except DataError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+        problems = verify_shards(args.verify)
         for problem in problems:
             print(problem)
         print(f"{args.verify}: " + (f"{len(problems)} files differ from {MANIFEST}; rerun make_shards on the source "
                                     f"to rewrite them" if problems else f"every shard matches {MANIFEST}"))
         return 1 if problems else 0
-    if args.root is None or args.out is None:
-        parser.error("ROOT and --out are required (or --verify DIR)")
-    try:
-        manifest = make_shards(args.root, args.out, args.shard_size, args.seed, args.workers, args.file_list)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    if not args.root.is_dir():
+        raise UserInputError(f"ROOT {args.root}: no such directory")
+    manifest = make_shards(args.root, args.out, args.shard_size, args.seed, args.workers, args.file_list)
     print(_summary(manifest, args.out))
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return cli.run(parse_args, make_shards_command, argv)
 
 
 if __name__ == "__main__":

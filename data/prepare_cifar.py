@@ -35,7 +35,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common.errors import DataError
+from common import cli
+from common.errors import DataError, UserInputError
 
 SPLITS = ("train", "val")
 PARTIAL = ".partial"
@@ -103,7 +104,7 @@ def _unpickle(archive: Path, member: str, data: bytes) -> dict:
 def read_archive(archive: Path, splits: Tuple[str, ...]) -> Tuple[Layout, Dict[str, bytes]]:
     """Which CIFAR the archive holds, and the bytes of its meta member and of the batches of `splits`."""
     if not archive.is_file():
-        raise DataError(f"{archive}: archive not found")
+        raise UserInputError(f"{archive}: archive not found")
     wanted = {m for layout in LAYOUTS for m in (layout.meta, *(b for s in splits for b in layout.batches[s]))}
     found, last = {}, None
     try:
@@ -229,20 +230,23 @@ def prepare_cifar(archive: Path, out: Path) -> Dict[str, int]:
     return {"dataset": layout.name, **done}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m data.prepare_cifar", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("archive", type=Path, help="cifar-10-python.tar.gz or cifar-100-python.tar.gz, as downloaded")
     parser.add_argument("--out", required=True, type=Path, help="dataset root to create (gets train/ and val/)")
-    args = parser.parse_args(argv)
-    try:
-        done = prepare_cifar(args.archive, args.out)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    return parser.parse_args(argv)
+
+
+def prepare_command(args: argparse.Namespace) -> int:
+    done = prepare_cifar(args.archive, args.out)
     print(f"{args.out}: wrote {done['train']} train and {done['val']} val images of {done['dataset']} "
           f"(0 means already there)")
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return cli.run(parse_args, prepare_command, argv)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from typing import Dict, List, Optional
 
 from tqdm import tqdm
 
-from common.errors import DataError
+from common import cli
+from common.errors import DataError, UserInputError
 
 META_MAT = "data/meta.mat"
 VAL_GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
@@ -69,7 +70,7 @@ def read_devkit(devkit: Path) -> Devkit:
 
 def _require_file(path: Path) -> None:
     if not path.is_file():
-        raise DataError(f"{path}: archive not found")
+        raise UserInputError(f"{path}: archive not found")
 
 
 def _write_member(archive: tarfile.TarFile, member: tarfile.TarInfo, folder: Path) -> None:
@@ -156,21 +157,24 @@ def prepare_imagenet(train_tar: Path, val_tar: Path, devkit: Path, out: Path) ->
     return {"train_classes": classes, "val_images": images}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m data.prepare_imagenet", description=__doc__.split("\n")[0])
     parser.add_argument("--train-tar", required=True, type=Path, help="ILSVRC2012_img_train.tar")
     parser.add_argument("--val-tar", required=True, type=Path, help="ILSVRC2012_img_val.tar")
     parser.add_argument("--devkit", required=True, type=Path, help="ILSVRC2012_devkit_t12.tar.gz")
     parser.add_argument("--out", required=True, type=Path, help="dataset root to create (gets train/ and val/)")
-    args = parser.parse_args(argv)
-    try:
-        done = prepare_imagenet(args.train_tar, args.val_tar, args.devkit, args.out)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    return parser.parse_args(argv)
+
+
+def prepare_command(args: argparse.Namespace) -> int:
+    done = prepare_imagenet(args.train_tar, args.val_tar, args.devkit, args.out)
     print(f"{args.out}: unpacked {done['train_classes']} train classes and {done['val_images']} val images "
           f"(0 means already there)")
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return cli.run(parse_args, prepare_command, argv)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from typing import Iterable, List, Optional, Tuple
 from PIL import Image
 from tqdm import tqdm
 
+from common import cli
+from common.errors import UserInputError
 from data.image_files import OK, UNFIXABLE, check_file
 
 SPLITS = ("train", "val")
@@ -109,18 +111,24 @@ def verify(root: Path, fix: bool, file_list: Optional[Path], workers: int) -> in
     return 1 if remaining else 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m data.verify", description=__doc__.split("\n")[0])
     parser.add_argument("root", type=Path, help="dataset root holding train/ and val/")
     parser.add_argument("--fix", action="store_true",
                         help=f"re-encode PNG, CMYK and grayscale files as RGB JPEG (backup: <file>{BACKUP_SUFFIX})")
     parser.add_argument("--file-list", type=Path, help="write the usable train files here, relative to ROOT/train")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="checking processes")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def verify_command(args: argparse.Namespace) -> int:
     if not any((args.root / split).is_dir() for split in SPLITS):
-        print(f"error: {args.root}: has neither train/ nor val/", file=sys.stderr)
-        return 2
+        raise UserInputError(f"{args.root}: has neither train/ nor val/")
     return verify(args.root, args.fix, args.file_list, args.workers)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return cli.run(parse_args, verify_command, argv)
 
 
 if __name__ == "__main__":

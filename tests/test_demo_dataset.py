@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.errors import DataError
+from common.errors import DataError, UserInputError
 from data.make_demo_dataset import (
     CLASS_NAMES,
     COMPLETE_MARKER,
@@ -135,7 +135,7 @@ def test_the_demo_manifest_is_unchanged_by_the_small_variant(tmp_path):
     make_demo_dataset(tmp_path, SMALL, workers=1)
     manifest = json.loads((tmp_path / COMPLETE_MARKER).read_text())
     assert set(manifest) == {"generator_version", "seed", "classes", "train_per_class", "val_per_class"}
-    with pytest.raises(ValueError, match="small_side"):
+    with pytest.raises(UserInputError, match="--small-side"):
         make_demo_dataset(tmp_path / "x", DemoParams(small_side=4), workers=1)
 
 

@@ -66,25 +66,25 @@ def test_overrides_apply_to_the_recorded_config(two_process_run, tmp_path):
     assert got["samples"] == 16 and got["top1"] == logged(two_process_run, 2 * EPOCH_END)["top1"]
 
 
-def test_missing_path_is_exit_1_without_traceback(tmp_path, capsys):
-    assert main([str(tmp_path / "nowhere")]) == 1
+def test_missing_path_is_exit_2_without_traceback(tmp_path, capsys):
+    assert main([str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert "nowhere: no such file or directory" in err and "Traceback" not in err
 
 
-def test_directory_without_checkpoints_is_exit_1(tmp_path, capsys):
-    assert main([str(tmp_path)]) == 1
+def test_directory_without_checkpoints_is_exit_2(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
     assert "neither a checkpoint nor a run directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("content", [b"not a checkpoint\n", "pickle"], ids=["text", "foreign-pickle"])
-def test_file_that_is_not_a_checkpoint_is_exit_1(tmp_path, content, capsys):
+def test_file_that_is_not_a_checkpoint_is_exit_2(tmp_path, content, capsys):
     path = tmp_path / "thing.pt"
     if content == "pickle":
         torch.save({"weights": torch.zeros(2)}, path)
     else:
         path.write_bytes(content)
-    assert main([str(path)]) == 1
+    assert main([str(path)]) == 2
     err = capsys.readouterr().err
     assert "is not a checkpoint of this trainer" in err and "Traceback" not in err
 
@@ -102,7 +102,7 @@ def test_bad_override_is_exit_2_naming_the_key(tmp_path, capsys):
 
 def test_missing_file_under_torchrun_style_subprocess_has_no_traceback(tmp_path):
     result = run_evaluate(1, str(tmp_path / "missing.pt"))
-    assert result.returncode == 1 and "Traceback" not in result.stderr and "no such file" in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "no such file" in result.stderr
 
 
 def test_a_blurpool_checkpoint_evaluates_as_the_trainer_evaluated_it(tmp_path):

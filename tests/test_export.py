@@ -170,12 +170,12 @@ def test_cifar_net_exports_to_safetensors_with_its_builder_named(cifar_checkpoin
 
 
 def test_ema_of_a_run_without_one_is_refused(cifar_checkpoint, tmp_path, capsys):
-    assert main([str(cifar_checkpoint), "--format", "safetensors", "--out", str(tmp_path / "x"), "--ema"]) == 1
+    assert main([str(cifar_checkpoint), "--format", "safetensors", "--out", str(tmp_path / "x"), "--ema"]) == 2
     assert "holds no EMA weights" in capsys.readouterr().err
 
 
 def test_cifar_net_to_torchvision_is_refused(cifar_checkpoint, tmp_path, capsys):
-    assert main([str(cifar_checkpoint), "--format", "torchvision", "--out", str(tmp_path / "x.pth")]) == 1
+    assert main([str(cifar_checkpoint), "--format", "torchvision", "--out", str(tmp_path / "x.pth")]) == 2
     assert "torchvision has no resnet20" in capsys.readouterr().err
     assert not (tmp_path / "x.pth").exists()
 
@@ -204,7 +204,7 @@ def test_blurpool_net_exports_to_safetensors_under_its_own_keys_with_its_builder
 
 def test_blurpool_net_to_torchvision_is_refused(tmp_path, capsys):
     checkpoint = write_checkpoint(tmp_path / "r18", "model.name=resnet18", "model.blurpool=true")
-    assert main([str(checkpoint), "--format", "torchvision", "--out", str(tmp_path / "x.pth")]) == 1
+    assert main([str(checkpoint), "--format", "torchvision", "--out", str(tmp_path / "x.pth")]) == 2
     assert "this one has model.blurpool=true" in capsys.readouterr().err
 
 

@@ -207,7 +207,7 @@ def test_a_second_job_on_a_busy_run_dir_is_refused_and_a_dead_ones_lock_is_not(t
     try:
         wait_for(lambda: checkpoint_steps(run_dir), 120, "the first job's first checkpoint")
         second = run_trainer(1, *args(tiny_data, run_dir, "train.epochs=50"))
-        assert second.returncode == 1
+        assert second.returncode == 2
         assert "is in use by another job" in second.stderr
         assert f'"pid": {first.pid}' in second.stderr and '"slurm_job": "4242"' in second.stderr
         assert first.poll() is None  # the first job was not disturbed

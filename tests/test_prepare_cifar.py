@@ -297,5 +297,5 @@ def test_cli(cifar10_tar, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert main([str(cifar10_tar), "--out", str(tmp_path / "out")]) == 0
     assert "wrote 20 train and 10 val images of CIFAR-10" in capsys.readouterr().out
-    assert main([str(tmp_path / "missing.tar.gz"), "--out", str(tmp_path / "other")]) == 1
+    assert main([str(tmp_path / "missing.tar.gz"), "--out", str(tmp_path / "other")]) == 2
     assert "missing.tar.gz: archive not found" in capsys.readouterr().err

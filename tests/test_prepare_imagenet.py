@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from scipy.io import savemat
 
-from common.errors import DataError
+from common.errors import DataError, UserInputError
 from data.prepare_imagenet import PARTIAL, main, prepare_imagenet, read_devkit
 
 # ILSVRC2012_ID -> WNID of the leaf classes; the real devkit numbers 1000 of them among 1860 synsets.
@@ -140,7 +140,7 @@ def test_half_written_val_is_redone(archives, tmp_path):
 @pytest.mark.parametrize("archive", ["train_tar", "val_tar", "devkit"])
 def test_missing_archive_is_named(archives, tmp_path, archive):
     archives[archive].unlink()
-    with pytest.raises(DataError, match=archives[archive].name):
+    with pytest.raises(UserInputError, match=archives[archive].name):
         _prepare(archives, tmp_path / "imagenet")
 
 
@@ -161,7 +161,7 @@ def test_cli(archives, tmp_path, capsys):
     assert main(args) == 0
     archives["val_tar"].unlink()
     assert main(args) == 0, "everything is there already: the archives are not needed"
-    assert main(args[:-1] + [str(tmp_path / "other")]) == 1
+    assert main(args[:-1] + [str(tmp_path / "other")]) == 2
     assert "ILSVRC2012_img_val.tar: archive not found" in capsys.readouterr().err
 
 

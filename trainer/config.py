@@ -16,12 +16,12 @@ from common.errors import ConfigError
 from data.config import DataConfig
 from trainer.checkpoint import CheckpointConfig
 from trainer.config_docs import describe
-from trainer.distributed import DistributedConfig
+from trainer.distributed import Dist, DistributedConfig
 from trainer.models import ModelConfig
 from trainer.monitor import MonitorConfig
 from trainer.optim import OptimConfig, ScheduleConfig
+from trainer.precision import INPUT_DTYPE, PRECISIONS
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 # Past 2**53 an int is no longer exact as a float (metrics.jsonl, W&B) and overflows the C types torch, numpy and
 # DALI take; no count this trainer makes comes near it. Fields with a real limit check a tighter one.
 MAX_INT = 2**53
@@ -290,3 +290,10 @@ def to_yaml(cfg: Config) -> str:
 
 def to_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def loader_options(cfg: Config, d: Dist) -> dict:
+    """What training and evaluation alike pass to data.build.build_loader besides the split: this rank's place,
+    the batch, the seed, and the images' memory format and dtype, which follow the model's."""
+    return dict(batch_size=cfg.train.batch_size, rank=d.rank, world_size=d.world_size, device=d.device,
+                seed=cfg.seed, channels_last=cfg.train.channels_last, dtype=INPUT_DTYPE[cfg.train.precision])

@@ -2,7 +2,6 @@
 `python -m trainer.evaluate RUN_DIR_OR_CHECKPOINT [key=value ...] [--ema] [--json PATH]`, alone or under torchrun,
 which evaluates a checkpoint with its own recorded config (key=value overrides it, as for trainer.main)."""
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -12,17 +11,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common import cli
+from common.errors import UserInputError
+from data.build import build_loader
+from data.config import preprocessing
+from trainer import distributed, saved_run
 from trainer.accuracy import Sums, correct_topk
+from trainer.config import loader_options
+from trainer.precision import autocast, check_device
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, autocast) -> dict:
+def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "fp32") -> dict:
     """Exact over all ranks: each val image is seen once, and counts (not means) are summed."""
     was_training = model.training
     model.eval()
     sums = Sums(device, "loss", "top1", "top5", "samples")
     for images, labels in loader:
-        with autocast():
+        with autocast(device, precision):
             logits = model(images)
         top1, top5 = correct_topk(logits, labels)
         sums.add(loss=F.cross_entropy(logits.float(), labels, reduction="sum"), top1=top1, top5=top5,
@@ -37,27 +43,13 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast) -> dict:
 def evaluate_checkpoint(source: Path, state: dict, cfg, d, ema: bool = False) -> dict:
     """`state`'s model (or EMA) on cfg's val split, as the trainer evaluates it: the same loader, batch size,
     memory format, input dtype and autocast."""
-    # Imported here: trainer.trainer imports this module for `evaluate`.
-    from common.errors import UserInputError
-    from data.build import build_loader
-    from data.config import preprocessing
-    from trainer import distributed, saved_run
-    from trainer.trainer import AUTOCAST, INPUT_DTYPE
-
     model = saved_run.build(state, cfg, saved_run.weights_of(state, ema, source), source).to(d.device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loader = distributed.agree(lambda: build_loader(
-        cfg.data, "val", batch_size=cfg.train.batch_size, rank=d.rank, world_size=d.world_size, device=d.device,
-        seed=cfg.seed, channels_last=cfg.train.channels_last, dtype=INPUT_DTYPE[cfg.train.precision]), d)
+    loader = distributed.agree(lambda: build_loader(cfg.data, "val", **loader_options(cfg, d)), d)
     if list(loader.classes) != list(state["classes"]):
         raise UserInputError(f"{source} was trained on other classes than the val split of {cfg.data.root}")
-    dtype = AUTOCAST[cfg.train.precision]
-
-    def autocast():
-        return torch.autocast(d.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-
-    metrics = evaluate(model, loader, d.device, autocast)
+    metrics = evaluate(model, loader, d.device, cfg.train.precision)
     logged = saved_run.logged_val(source, state["step"], ema)
     return {"checkpoint": str(source.resolve()), "step": state["step"], "epoch": state.get("epoch"),
             "weights": "ema" if ema else "model", "split": "val", **metrics, "world_size": d.world_size,
@@ -88,41 +80,26 @@ def _report(result: dict) -> str:
     return line
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    from common.errors import ConfigError, DataError, UserInputError
-    from trainer import distributed, saved_run
-
-    args = parse_args(argv)
-    try:
-        source = saved_run.resolve(args.checkpoint)
-        state = saved_run.load(source)
-        cfg = saved_run.config_of(state, args.overrides)
-        if cfg.train.precision == "fp16" and not torch.cuda.is_available():
-            raise ConfigError("train.precision", "fp16 needs a CUDA device; on CPU use train.precision=fp32 or bf16")
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except UserInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def evaluate_command(args: argparse.Namespace) -> int:
+    source = saved_run.resolve(args.checkpoint)
+    state = saved_run.load(source)
+    cfg = saved_run.config_of(state, args.overrides)
+    check_device(cfg.train.precision)
     d = distributed.init(cfg.distributed)
-    try:
-        result = evaluate_checkpoint(source, state, cfg, d, ema=args.ema)
-    except (DataError, UserInputError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        distributed.shutdown()
+    result = evaluate_checkpoint(source, state, cfg, d, ema=args.ema)
     if d.is_main:
         out = args.json or source.with_name(f"{source.stem}.eval{'-ema' if args.ema else ''}.json")
         print(_report(result))
         try:
             out.write_text(json.dumps(result, indent=1) + "\n")
         except OSError as e:
-            print(f"error: cannot write {out}: {e.strerror or e}; choose another place with --json", file=sys.stderr)
-            return 1
+            raise UserInputError(f"--json: cannot write {out}: {e.strerror or e}; choose another place") from None
         print(f"written to {out}")
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return cli.run(parse_args, evaluate_command, argv, close=distributed.shutdown)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,11 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from common import cli
+from common.errors import UserInputError
+from data.config import preprocessing
+from trainer import saved_run
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FORMATS = ("torchvision", "safetensors", "onnx")
@@ -85,7 +90,6 @@ def fold_difference(trained: nn.Module, exported: nn.Module, preprocessing: dict
 
 
 def builder(cfg, num_classes: int) -> str:
-    from trainer import saved_run
     if saved_run.torchvision_compatible(cfg) is None:
         return f"torchvision.models.{cfg.model.name}(num_classes={num_classes})"
     options = ", ".join(f"{k}={v!r}" for k, v in saved_run.builder_options(cfg).items())
@@ -112,10 +116,6 @@ def export_onnx(model: nn.Module, out: Path, image_size: int) -> dict:
 
 def export(checkpoint: Path, fmt: str, out: Path, *, ema: bool = False, input_kind: str = "torchvision") -> dict:
     """Writes `out` and `out`.json; returns the JSON's record."""
-    from common.errors import UserInputError
-    from data.config import preprocessing
-    from trainer import saved_run
-
     source = saved_run.resolve(checkpoint)
     state = saved_run.load(source)
     cfg = saved_run.config_of(state, [])
@@ -159,7 +159,6 @@ def export(checkpoint: Path, fmt: str, out: Path, *, ema: bool = False, input_ki
 
 def _val(source: Path, state: dict, ema: bool) -> Optional[dict]:
     """The val figures the trainer logged for these weights at the checkpoint's step, if it evaluated there."""
-    from trainer import saved_run
     logged = saved_run.logged_val(source, state["step"], ema)
     if logged is None and not ema and state.get("last_val", {}).get("step") == state["step"]:
         logged = state["last_val"]
@@ -182,18 +181,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    from common.errors import ConfigError, UserInputError
-
-    args = parse_args(argv)
+def export_command(args: argparse.Namespace) -> int:
     try:
         record = export(args.checkpoint, args.format, args.out, ema=args.ema, input_kind=args.input_kind)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except (UserInputError, ImportError) as e:
-        print(f"error: {e}" + (" (pip install '.[export]')" if isinstance(e, ImportError) else ""), file=sys.stderr)
-        return 1
+    except ImportError as e:  # an optional package of the [export] extra
+        raise UserInputError(f"--format {args.format}: {e} (pip install '.[export]')") from None
+    except OSError as e:  # --out in a folder that cannot be written
+        raise UserInputError(f"--out {args.out}: cannot write: {e.strerror or e}") from None
     val, pre = record["val"], record["preprocessing"]
     print(f"{args.out}: {record['model']} ({record['source']['weights']}) of step {record['source']['step']}, "
           f"{record['num_classes']} classes; input: {pre.get('transforms', 'as trained')}"
@@ -207,6 +201,10 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{record['onnx']['max_abs_diff_onnxruntime']:.2e} (of {record['onnx']['max_abs_logit']:.2e})")
     print(f"written: {args.out} and {args.out}.json")
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return cli.run(parse_args, export_command, argv)
 
 
 if __name__ == "__main__":

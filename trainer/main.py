@@ -1,49 +1,27 @@
 """Entry point: `python -m trainer.main [--config FILE] [key=value ...]`, alone or under torchrun."""
 import sys
 
-import torch
-
-from common.errors import CheckpointError, ConfigError, DataError, Diverged, UserInputError
-from trainer import distributed
+from common import cli
+from trainer import distributed, precision
 from trainer.config import check_paths, load_config, parse_args, to_yaml
 
-EXIT_USAGE = 2
 
-
-def _where(e: Exception) -> str:
-    rank = getattr(e, "failed_rank", None)
-    return f" (on rank {rank})" if rank is not None else ""
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if cfg.train.precision == "fp16" and not torch.cuda.is_available():
-            raise ConfigError("train.precision", "fp16 needs a CUDA device (GradScaler); on CPU use bf16 or fp32")
-        if not args.print_config:
-            check_paths(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+def train(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    precision.check_device(cfg.train.precision)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    check_paths(cfg)
 
     from trainer.trainer import Trainer  # after validation: bad input fails before heavy imports
 
-    d = distributed.init(cfg.distributed)
-    try:
-        with Trainer(cfg, d) as trainer:
-            return trainer.train()
-    except ConfigError as e:
-        print(f"config error{_where(e)}: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (DataError, UserInputError, Diverged, CheckpointError) as e:
-        print(f"error{_where(e)}: {e}", file=sys.stderr)
-        return 1
-    finally:
-        distributed.shutdown()
+    with Trainer(cfg, distributed.init(cfg.distributed)) as trainer:
+        return trainer.train()
+
+
+def main(argv=None) -> int:
+    return cli.run(parse_args, train, argv, close=distributed.shutdown)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on training nodes
 import matplotlib.pyplot as plt  # noqa: E402
 
+from common import cli  # noqa: E402
+from common.errors import UserInputError  # noqa: E402
+
 PANELS = [("loss", "loss"), ("top1", "top-1 (%)"), ("lr", "learning rate"), ("img_per_s", "images/s")]
 
 
@@ -40,20 +43,26 @@ def plot(records: list, out: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m trainer.plot", description=__doc__)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, help="PNG to write (default RUN_DIR/metrics.png)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def plot_command(args: argparse.Namespace) -> int:
     try:
         records = read_metrics(args.run_dir)
     except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise UserInputError(str(e)) from None
     out = args.out or args.run_dir / "metrics.png"
     plot(records, out, str(args.run_dir))
     print(out)
     return 0
+
+
+def main(argv=None) -> int:
+    return cli.run(parse_args, plot_command, argv)
 
 
 if __name__ == "__main__":

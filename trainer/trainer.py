@@ -24,22 +24,18 @@ from data.sharding import derive_seed
 from trainer import checkpoint, distributed, resume, run_model
 from trainer.accuracy import Sums, correct_topk
 from trainer.checkpoint import Checkpointer, PerRank
-from trainer.config import Config, to_dict, to_yaml
+from trainer.config import Config, loader_options, to_dict, to_yaml
 from trainer.distributed import Dist
 from trainer.evaluate import evaluate
 from trainer.models.weights import init_from
 from trainer.monitor import Monitor, peak_memory_mb
 from trainer.nonfinite import NonFiniteGuard
 from trainer.optim import build_ema, build_optimizer, build_scheduler, large_batch_warning, scaled_lr
+from trainer.precision import autocast
 from trainer.preemption import StopFlag
 from trainer.resume import CHECKPOINT_VERSION
 from trainer.rng import rng_state, seed_everything, set_rng_state
 from trainer.run_dir import RunDir
-
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# The images the loader hands over: fp32 for fp32 training, the autocast dtype otherwise (half the bytes moved,
-# and the first convolution would cast them anyway).
-INPUT_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class EpochEnd(enum.Enum):
@@ -150,11 +146,9 @@ class Trainer:
         return self._agree(lambda: fn() if self.dist.is_main else None)
 
     def _build_loaders(self) -> tuple:
-        cfg, d = self.cfg, self.dist
-        options = dict(batch_size=cfg.train.batch_size, rank=d.rank, world_size=d.world_size, device=self.device,
-                       seed=cfg.seed, channels_last=cfg.train.channels_last, dtype=INPUT_DTYPE[cfg.train.precision])
+        options = loader_options(self.cfg, self.dist)
         return (self._agree(lambda: self._train_loader(options)),
-                self._agree(lambda: build_loader(cfg.data, "val", **options)))
+                self._agree(lambda: build_loader(self.cfg.data, "val", **options)))
 
     def _train_loader(self, options: dict):
         try:
@@ -235,10 +229,6 @@ class Trainer:
     def save(self, **when) -> None:
         """Saves if the checkpointer's cadence says so (see Checkpointer.save for `when`)."""
         self.checkpointer.save(self.step, lambda: checkpoint.snapshot(self.stateful_parts()), **when)
-
-    def autocast(self):
-        dtype = AUTOCAST[self.cfg.train.precision]
-        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     def train(self) -> int:
         """The schedule: epochs of steps, validation every train.eval_every_epochs and at the end, a checkpoint
@@ -323,7 +313,7 @@ class Trainer:
         self.guard.before_forward()
         for i, (images, labels) in enumerate(micro_batches):
             with self._gradient_sync(last=i == len(micro_batches) - 1):
-                with self.autocast():
+                with autocast(self.device, self.cfg.train.precision):
                     output = self.model(images)
                     loss = self.criterion(output, labels)
                 self.scaler.scale(loss / len(micro_batches)).backward()
@@ -383,11 +373,11 @@ class Trainer:
         if self.ema:
             distributed.broadcast_buffers(self.ema.module, self.dist)
         epoch = self.step / self.steps_per_epoch
-        metrics = evaluate(self.raw_model, self.val_loader, self.device, self.autocast)
+        metrics = evaluate(self.raw_model, self.val_loader, self.device, self.cfg.train.precision)
         self.monitor.write("val", self.step, epoch, self.images_seen, metrics)
         self.last_val = {**metrics, "step": self.step}
         if self.ema:
-            ema_metrics = evaluate(self.ema.module, self.val_loader, self.device, self.autocast)
+            ema_metrics = evaluate(self.ema.module, self.val_loader, self.device, self.cfg.train.precision)
             self.monitor.write("val_ema", self.step, epoch, self.images_seen, ema_metrics)
 
     def _summary(self, images: int, train_time: float) -> None:

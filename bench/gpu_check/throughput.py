@@ -9,7 +9,7 @@ import torch
 from bench.gpu_check.context import CheckFailed, Context, Passed
 from bench.throughput import throughput, train_records
 from data.build import build_loader
-from trainer.trainer import INPUT_DTYPE
+from trainer.precision import INPUT_DTYPE
 
 
 def _sync(device: torch.device) -> None:

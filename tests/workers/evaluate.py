@@ -1,5 +1,4 @@
 """Evaluates a checkpoint on the val split with however many processes torchrun gives it; rank 0 prints JSON."""
-import contextlib
 import json
 import sys
 
@@ -20,7 +19,7 @@ def main(checkpoint: str) -> None:
                           seed=0)
     model = build_model(state["config"]["model"]["name"], num_classes=len(state["classes"]))
     model.load_state_dict(state["model"])
-    metrics = evaluate(model, loader, d.device, contextlib.nullcontext)
+    metrics = evaluate(model, loader, d.device)
     if d.is_main:
         print(json.dumps(metrics))
     distributed.shutdown()

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from common.errors import DataError
+from common import cli
+from common.errors import EXIT_FAILURE
 from data.folder import layout_root, list_split
 from data.make_demo_dataset import DemoParams, make_demo_dataset
 from trainer.experiments import degradation_report as report
@@ -192,8 +193,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
+def degradation_command(args: argparse.Namespace, argv: Optional[List[str]]) -> int:
     budget = QUICK if args.quick else CIFAR if args.cifar else DEFAULT
     if args.epochs:
         budget = Budget(**{**budget.__dict__, "epochs": args.epochs})
@@ -205,9 +205,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         try:
             context = run_experiment(args, argv, budget, out)
-        except (RunFailed, DataError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+        except RunFailed as e:  # a child run's own error is in its log, named in the message
+            print(cli.message(e), file=sys.stderr)
+            return EXIT_FAILURE
     runs = {m: report.read_run(out / m) for m in context.models}
     report_dir.mkdir(parents=True, exist_ok=True)
     page = "degradation_cifar10" if context.cifar else "degradation"
@@ -217,6 +217,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(report.verdicts(runs))
     print(f"wrote {png} and {md}")
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return cli.run(parse_args, lambda args: degradation_command(args, argv), argv)
 
 
 def _children_cpu_s() -> float:
