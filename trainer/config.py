@@ -67,6 +67,9 @@ class TrainConfig:
     deterministic: bool = False
     """Deterministic GPU kernels (cuDNN without autotuning, torch.use_deterministic_algorithms), so that a resumed
     run repeats an uninterrupted one bit for bit on GPUs too, at some speed; CPU runs are deterministic anyway."""
+    eval_flip: bool = False
+    """Validation averages the logits of each image and of its left-right flip (FFCV's lr_tta, which adds them:
+    the same predictions; the mean keeps the loss comparable); in trainer.evaluate too. Twice the val forward cost."""
     eval_every_epochs: int = 1
     """Evaluate on the val split every this many epochs, and always at the end."""
     max_nonfinite_steps: int = 20
