@@ -36,7 +36,7 @@ class DataConfig:
     image_size: int = 224
     """Side of the square training and validation crops, in pixels. At most 4096: one such crop is 200 MB in
     fp32, and at 100000 DALI's resize fails with std::bad_alloc. data.resolution and data.val_image_size, when
-    set, take the train and the val side from it."""
+    set, replace it for the train and the val crop."""
     resolution: Optional[ResolutionConfig] = None
     """Progressive resizing of the train crop (FFCV's): {min_res, max_res, start_ramp, end_ramp, step}, the ramp in
     fractions of train.epochs (data/resolution.py); null trains at image_size throughout. Not with pad_crop."""
