@@ -193,3 +193,36 @@ def test_eval_flip_averages_the_logits_of_the_image_and_its_flip():
     # Mean logits are (0.5, 0.5) for both: the loss is ln 2 exactly, which no unflipped logits give here.
     assert flipped["loss"] == pytest.approx(np.log(2))
     assert plain["loss"] != pytest.approx(np.log(2))
+
+
+def test_compile_makes_one_static_graph_per_side_within_the_raised_limit(monkeypatch):
+    import functools
+
+    import torch._dynamo
+
+    from trainer import run_model
+    from trainer.distributed import Dist
+
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)])
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    torch._dynamo.reset()
+    # 11 epochs ramping 16 -> 64 by 8: 7 sides, past the limit of 2 set above.
+    cfg = load_config(None, ["train.compile=true", "train.epochs=11", "data.resolution.min_res=16",
+                             "data.resolution.max_res=64", "data.resolution.step=8",
+                             "data.resolution.start_ramp=0.1", "data.resolution.end_ramp=0.8"])
+    sides = distinct_sides(cfg.data, cfg.train.epochs)
+    assert len(sides) == 7
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = run_model.wrap(net, cfg, Dist(rank=0, world_size=1, local_rank=0, device=CPU))
+    assert torch._dynamo.config.recompile_limit == len(sides) + 2
+    for side in sides + sides:
+        model(torch.randn(2, 3, side, side))
+    assert len(graphs) == len(sides)  # static: no dynamic-shape graph standing in for several
+    assert sorted(next(s[-1] for s in g if len(s) == 4 and s[0] == 2) for g in graphs) == sides
+    torch._dynamo.reset()
