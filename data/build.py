@@ -5,7 +5,7 @@ epoch, as (images, labels) on the device) and, for train, `state_dict()`/`load_s
 """
 import os
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -13,6 +13,7 @@ from data.config import DataConfig
 from data.folder import ImageList, list_split
 from data.image_files import bad_files_error, screen
 from data.loader import Loader
+from data.resolution import train_sides
 from data.sharding import val_shard
 
 OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -30,16 +31,18 @@ def ensure_demo_data(cfg: DataConfig) -> None:
 
 def build_loader(cfg: DataConfig, split: str, *, batch_size: int, rank: int, world_size: int,
                  device: torch.device, seed: int, channels_last: bool = False,
-                 dtype: torch.dtype = torch.float32) -> Loader:
+                 dtype: torch.dtype = torch.float32, epochs: Optional[int] = None) -> Loader:
     """`channels_last` and `dtype` are the consumer's choice (the model's memory format and precision), so
     they are arguments, not data settings: images come out as NCHW tensors of `dtype` whose memory is
-    channels_last (NHWC) when asked."""
+    channels_last (NHWC) when asked. `epochs` is the run's length, which data.resolution's ramp is a fraction of
+    (needed with it only)."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if dtype not in OUTPUT_DTYPES:
         raise ValueError(f"dtype must be one of {OUTPUT_DTYPES}, got {dtype}")
     placement = dict(batch_size=batch_size, rank=rank, world_size=world_size, device=device, seed=seed,
-                     channels_last=channels_last, dtype=dtype)
+                     channels_last=channels_last, dtype=dtype,
+                     train_side=train_sides(cfg, epochs) if split == "train" else None)
     if cfg.backend == "synthetic":
         from data.synthetic import SyntheticLoader
         return SyntheticLoader(cfg, split, **placement)

@@ -3,6 +3,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from common.errors import ConfigError
+from data.resolution import ResolutionConfig
 
 SEED_MEAN = [123.68, 116.78, 103.94]
 TORCHVISION_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
@@ -34,7 +35,13 @@ class DataConfig:
     """Input pipeline: dali (GPU decode, or CPU where there is no GPU), torchvision (PIL), synthetic."""
     image_size: int = 224
     """Side of the square training and validation crops, in pixels. At most 4096: one such crop is 200 MB in
-    fp32, and at 100000 DALI's resize fails with std::bad_alloc."""
+    fp32, and at 100000 DALI's resize fails with std::bad_alloc. data.resolution and data.val_image_size, when
+    set, replace it for the train and the val crop."""
+    resolution: Optional[ResolutionConfig] = None
+    """Progressive resizing of the train crop (FFCV's): {min_res, max_res, start_ramp, end_ramp, step}, the ramp in
+    fractions of train.epochs (data/resolution.py); null trains at image_size throughout. Not with pad_crop."""
+    val_image_size: Optional[int] = None
+    """Side of the validation centre crop; null is image_size. At most val_resize."""
     val_resize: int = 256
     """Validation: the shorter side is resized to this before the center crop. At most 8192 (twice the largest
     crop), for the same reason."""
@@ -98,9 +105,16 @@ class DataConfig:
             raise ConfigError("data.shuffle_buffer", f"must be in [1, {MAX_SHUFFLE_BUFFER}], got {self.shuffle_buffer}")
         if not 0 < self.image_size <= MAX_IMAGE_SIZE:
             raise ConfigError("data.image_size", f"must be in [1, {MAX_IMAGE_SIZE}], got {self.image_size}")
-        if not self.image_size <= self.val_resize <= MAX_VAL_RESIZE:
-            raise ConfigError("data.val_resize", f"must be in [data.image_size ({self.image_size}), "
+        if self.val_image_size is not None and not 0 < self.val_image_size <= MAX_IMAGE_SIZE:
+            raise ConfigError("data.val_image_size", f"must be in [1, {MAX_IMAGE_SIZE}] or null, got "
+                                                     f"{self.val_image_size}")
+        crop = "data.val_image_size" if self.val_image_size is not None else "data.image_size"
+        if not self.val_crop <= self.val_resize <= MAX_VAL_RESIZE:
+            raise ConfigError("data.val_resize", f"must be in [{crop} ({self.val_crop}), "
                                                  f"{MAX_VAL_RESIZE}], got {self.val_resize}")
+        if self.resolution is not None and self.train_crop == "pad_crop":
+            raise ConfigError("data.resolution", "progressive resizing resizes the random_resized crop; "
+                                                 "data.train_crop=pad_crop takes a fixed window: set one of them")
         if self.train_crop not in TRAIN_CROPS:
             raise ConfigError("data.train_crop", f"got {self.train_crop!r}; allowed: {', '.join(TRAIN_CROPS)}")
         if not 0 <= self.pad <= self.image_size:
@@ -130,10 +144,16 @@ class DataConfig:
             raise ConfigError("data.synthetic_samples", f"must be >= 1, got {self.synthetic_samples}")
 
 
+    @property
+    def val_crop(self) -> int:
+        """Side of the validation centre crop."""
+        return self.image_size if self.val_image_size is None else self.val_image_size
+
+
 def preprocessing(cfg: DataConfig) -> dict:
     """What a model trained on this data expects, recorded in every checkpoint so that its weights can be used
     elsewhere: RGB pixels in 0-255, minus `mean`, divided by `std` (1 when null); val resizes the shorter side
-    to `val_resize` and centre-crops `image_size`."""
+    to `val_resize` and centre-crops `val_image_size`; `image_size` is the train crop's (without data.resolution)."""
     return {"pixel_range": [0, 255], "channels": "RGB", "mean": list(cfg.mean),
             "std": list(cfg.std) if cfg.std is not None else None, "image_size": cfg.image_size,
-            "val_resize": cfg.val_resize}
+            "val_resize": cfg.val_resize, "val_image_size": cfg.val_crop}

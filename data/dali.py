@@ -13,7 +13,7 @@ at its global position, seeded from (seed, rank, position).
 import base64
 import os
 from functools import partial
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -58,23 +58,25 @@ def _pad_crop(images, jpegs, cfg: DataConfig):
                     out_of_bounds_policy="pad", fill_values=0)
 
 
-def _train_crop(jpegs, cfg: DataConfig, decoder: dict):
+def _train_crop(jpegs, cfg: DataConfig, decoder: dict, side):
     decoder = {**decoder, **(_GPU_TRAIN_DECODER_BUFFERS if decoder["device"] == "mixed" else {})}
     if cfg.train_crop == "pad_crop":
         return _pad_crop(fn.decoders.image(jpegs, output_type=types.RGB, **decoder), jpegs, cfg)
     # Decodes only the sampled window (RandomResizedCrop's area/aspect draw), not the whole JPEG.
     images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=cfg.crop_area,
                                            random_aspect_ratio=cfg.crop_aspect, num_attempts=10, **decoder)
-    return fn.resize(images, resize_x=cfg.image_size, resize_y=cfg.image_size, interp_type=types.INTERP_LINEAR,
+    return fn.resize(images, resize_x=side, resize_y=side, interp_type=types.INTERP_LINEAR,
                      antialias=cfg.train_antialias)
 
 
-def preprocess(jpegs, cfg: DataConfig, train: bool, gpu: bool, channels_last: bool, dtype: torch.dtype):
-    """Encoded images to normalized crops, whatever reader produced them; `gpu` switches the decoder to `mixed`."""
+def preprocess(jpegs, cfg: DataConfig, train: bool, gpu: bool, channels_last: bool, dtype: torch.dtype, sides=None):
+    """Encoded images to normalized crops, whatever reader produced them; `gpu` switches the decoder to `mixed`.
+    `sides`: the train crop's side per sample (data.resolution), an input of the pipeline, so that one pipeline
+    serves every side; None is data.image_size."""
     decoder = {"device": "mixed", "hw_decoder_load": cfg.hw_decoder_load} if gpu else {"device": "cpu"}
-    size = cfg.image_size
+    size = cfg.val_crop
     if train:
-        images = _train_crop(jpegs, cfg, decoder)
+        images = _train_crop(jpegs, cfg, decoder, cfg.image_size if sides is None else sides)
         mirror = fn.random.coin_flip(probability=0.5)
     else:
         images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
@@ -101,10 +103,15 @@ def preprocess(jpegs, cfg: DataConfig, train: bool, gpu: bool, channels_last: bo
 def image_pipeline(source, cfg: DataConfig, train: bool, gpu: bool, channels_last: bool, dtype: torch.dtype):
     """Reads the files `source` names (called with a BatchInfo, it returns a batch of encoded paths and labels)
     and preprocesses them (`preprocess`)."""
-    paths, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
-                                       dtype=[types.UINT8, types.INT32])
+    sides = None
+    if train and cfg.resolution is not None:  # the source adds each sample's side (_TrainFiles)
+        paths, labels, sides = fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True,
+                                                  dtype=[types.UINT8, types.INT32, types.FLOAT])
+    else:
+        paths, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
+                                           dtype=[types.UINT8, types.INT32])
     jpegs = fn.io.file.read(paths, dont_use_mmap=not cfg.mmap)
-    images = preprocess(jpegs, cfg, train, gpu, channels_last, dtype)
+    images = preprocess(jpegs, cfg, train, gpu, channels_last, dtype, sides)
     return images, labels.gpu() if gpu else labels
 
 
@@ -115,11 +122,13 @@ def _files(paths: List[str], labels: np.ndarray, indices: np.ndarray):
 class _TrainFiles:
     """The train pipeline's source: DALI's iteration i is the run's global batch `base + i`. A pipeline restored
     from a checkpoint calls it on from the checkpoint's iteration (fn.external_source's documentation), so the
-    checkpoint and `base` place it. Holds the file list, never the loader (see Loader's docstring on cycles)."""
+    checkpoint and `base` place it. Holds the file list, never the loader (see Loader's docstring on cycles).
+    With `side` (data.resolution: epoch -> side) each batch also carries its epoch's side, so a batch prefetched
+    across an epoch boundary has the next epoch's, and the checkpoint's iteration places the side too."""
 
     def __init__(self, paths: List[str], labels: np.ndarray, num_samples: int, batch_size: int, rank: int,
-                 world_size: int, seed: int, base: int):
-        self.paths, self.labels, self.base = paths, labels, base
+                 world_size: int, seed: int, base: int, side: Optional[Callable[[int], int]] = None):
+        self.paths, self.labels, self.base, self.side = paths, labels, base, side
         self.shard = partial(train_shard, num_samples, batch_size, rank, world_size, seed)
         self.batches, self.batch_size = train_batches(num_samples, batch_size, world_size), batch_size
         self.epoch, self.order = None, None
@@ -128,7 +137,10 @@ class _TrainFiles:
         epoch, batch = divmod(self.base + info.iteration, self.batches)
         if epoch != self.epoch:
             self.epoch, self.order = epoch, self.shard(epoch)
-        return _files(self.paths, self.labels, self.order[batch * self.batch_size:(batch + 1) * self.batch_size])
+        files = _files(self.paths, self.labels, self.order[batch * self.batch_size:(batch + 1) * self.batch_size])
+        if self.side is None:
+            return files
+        return (*files, np.full(len(files[1]), self.side(epoch), dtype=np.float32))
 
 
 class _ValFiles:
@@ -175,10 +187,12 @@ class DaliLoader(Loader):
     backend = "dali"
 
     def __init__(self, cfg: DataConfig, split: str, images: ImageList, *, batch_size: int, rank: int,
-                 world_size: int, device: torch.device, seed: int, channels_last: bool, dtype: torch.dtype):
+                 world_size: int, device: torch.device, seed: int, channels_last: bool, dtype: torch.dtype,
+                 train_side: Optional[Callable[[int], int]] = None):
         super().__init__(images.classes, split, len(images), batch_size=batch_size, rank=rank,
                          world_size=world_size, seed=seed)
         self.cfg = cfg
+        self._side = train_side if cfg.resolution is not None else None
         self.device = device
         self.channels_last, self.dtype = channels_last, dtype
         self._to_torch = partial(_to_torch, channels_last, dtype)
@@ -222,7 +236,7 @@ class DaliLoader(Loader):
                 self._base = epoch * len(self) + start
             seed = derive_seed(self.seed, self.rank, self._base) if self._base else derive_seed(self.seed, self.rank)
             files = _TrainFiles(self._paths, self._labels, self.num_samples, self.batch_size, self.rank,
-                                self.world_size, self.seed, self._base)
+                                self.world_size, self.seed, self._base, self._side)
             self._train = self._iterator(files, True, seed, checkpoint)
         return _take(self._train, len(self) - start, self._to_torch)
 

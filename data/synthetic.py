@@ -1,6 +1,6 @@
 """Random batches already on the device, for measuring the model without any input pipeline cost."""
 from functools import partial
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -9,13 +9,20 @@ from data.loader import Loader
 from data.sharding import derive_seed, val_shard
 
 
+def _images(count: int, seed: int, device: torch.device, dtype: torch.dtype, memory_format, side: int):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(count, 3, side, side, generator=generator)
+    return images.to(device=device, dtype=dtype, memory_format=memory_format)
+
+
 def _labels(num_classes: int, device: torch.device, *key: int, count: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(derive_seed(*key))
     return torch.randint(num_classes, (count,), generator=generator).to(device)
 
 
 class SyntheticLoader(Loader):
-    """One random image batch made once and yielded every step, with labels drawn per batch.
+    """One random image batch made once (per side, with data.resolution) and yielded every step, with labels
+    drawn per batch.
 
     Labels come from a generator seeded by (seed, epoch, rank, batch), so a resumed loader yields the same ones.
     """
@@ -23,20 +30,27 @@ class SyntheticLoader(Loader):
     backend = "synthetic"
 
     def __init__(self, cfg: DataConfig, split: str, *, batch_size: int, rank: int, world_size: int,
-                 device: torch.device, seed: int, channels_last: bool, dtype: torch.dtype):
+                 device: torch.device, seed: int, channels_last: bool, dtype: torch.dtype,
+                 train_side: Optional[Callable[[int], int]] = None):
         classes = [f"class{i:04d}" for i in range(cfg.num_classes)]
         super().__init__(classes, split, cfg.synthetic_samples, batch_size=batch_size, rank=rank,
                          world_size=world_size, seed=seed)
         self.device = device
-        generator = torch.Generator().manual_seed(derive_seed(seed, rank))
-        images = torch.randn(batch_size, 3, cfg.image_size, cfg.image_size, generator=generator)
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self._images = images.to(device=device, dtype=dtype, memory_format=memory_format)
+        self._made = partial(_images, batch_size, derive_seed(seed, rank), device, dtype,
+                             torch.channels_last if channels_last else torch.contiguous_format)
+        self._side = train_side
+        self._by_side = {}
+        self._val_side = cfg.val_crop
 
         self._labels = partial(_labels, cfg.num_classes, device, seed, rank)
 
+    def _images_of(self, side: int) -> torch.Tensor:
+        if side not in self._by_side:
+            self._by_side[side] = self._made(side)
+        return self._by_side[side]
+
     def _train_epoch(self, epoch: int, start: int) -> Iterator:
-        images, labels = self._images, self._labels
+        images, labels = self._images_of(self._side(epoch)), self._labels
         return ((images, labels(epoch, step, count=len(images))) for step in range(start, len(self)))
 
     def _val_epoch(self) -> Iterator:
@@ -44,6 +58,6 @@ class SyntheticLoader(Loader):
         step = 0
         while left > 0:
             count = min(left, self.batch_size)
-            yield self._images[:count], self._labels(-1, step, count=count)
+            yield self._images_of(self._val_side)[:count], self._labels(-1, step, count=count)
             left -= count
             step += 1

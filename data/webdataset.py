@@ -17,7 +17,7 @@ import base64
 import math
 import re
 from functools import partial
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import numpy as np
 import torch
@@ -51,17 +51,33 @@ def parse_label(cls):
     return fn.cast(valid, dtype=types.INT32) * (value + 1) - 1
 
 
+class _Sides:
+    """The train pipeline's side source (data.resolution): DALI's iteration i reads the reader's epoch
+    first_epoch + i // reader_batches, every reader epoch being reader_batches long; a restored pipeline calls it
+    on from the checkpoint's iteration, as it does the folder pipeline's source."""
+
+    def __init__(self, side: Callable[[int], int], first_epoch: int, reader_batches: int, batch_size: int):
+        self.side, self.first_epoch, self.reader_batches = side, first_epoch, reader_batches
+        self.batch_size = batch_size
+
+    def __call__(self, info: types.BatchInfo):
+        epoch = self.first_epoch + info.iteration // self.reader_batches
+        return np.full(self.batch_size, self.side(epoch), dtype=np.float32)
+
+
 @pipeline_def(enable_checkpointing=True)
 def shard_pipeline(shards: SplitShards, cfg: DataConfig, train: bool, gpu: bool, channels_last: bool,
-                   dtype: torch.dtype, shard_id: int, num_shards: int):
+                   dtype: torch.dtype, shard_id: int, num_shards: int, sides: Optional[_Sides] = None):
     # pad_last_batch: every rank's epoch is ceil(N / world_size) samples (its last one repeated) in whole batches, and
     # no batch mixes two epochs. Val sticks to its slice, which is sharding.val_shard's.
     jpegs, cls = fn.readers.webdataset(
         paths=shards.tars, index_paths=shards.indexes, ext=["jpg;png", LABEL_EXT], missing_component_behavior="error",
         shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, stick_to_shard=not train,
         random_shuffle=train, initial_fill=cfg.shuffle_buffer, dont_use_mmap=not cfg.mmap, name=READER)
+    if sides is not None:
+        sides = fn.external_source(source=sides, batch=True, batch_info=True, dtype=types.FLOAT)
     # The labels stay on the CPU, where _checked_batch looks at them for free.
-    return preprocess(jpegs, cfg, train, gpu, channels_last, dtype), parse_label(cls)
+    return preprocess(jpegs, cfg, train, gpu, channels_last, dtype, sides), parse_label(cls)
 
 
 def _named_error(error: Exception, shards: SplitShards) -> Optional[DataError]:
@@ -125,9 +141,11 @@ class WebDatasetLoader(Loader):
     backend = "dali-webdataset"
 
     def __init__(self, cfg: DataConfig, split: str, shards: SplitShards, *, batch_size: int, rank: int,
-                 world_size: int, device: torch.device, seed: int, channels_last: bool, dtype: torch.dtype):
+                 world_size: int, device: torch.device, seed: int, channels_last: bool, dtype: torch.dtype,
+                 train_side: Optional[Callable[[int], int]] = None):
         super().__init__(shards.classes, split, shards.num_samples, batch_size=batch_size, rank=rank,
                          world_size=world_size, seed=seed)
+        self._side = train_side if cfg.resolution is not None else None
         if shards.num_samples < world_size:
             raise DataError(f"the {split} shards in {shards.root} hold {shards.num_samples} samples, fewer than the "
                             f"{world_size} ranks: run on fewer processes")
@@ -150,11 +168,14 @@ class WebDatasetLoader(Loader):
 
     def _build(self, train: bool, checkpoint: Optional[bytes] = None) -> DALIGenericIterator:
         seed = derive_seed(self.seed, self.rank, self._first_epoch) if train else derive_seed(self.seed, self.rank)
+        sides = None
+        if train and self._side is not None:
+            sides = _Sides(self._side, self._first_epoch, self._reader_batches, self.batch_size)
         pipe = shard_pipeline(
             shards=self.shards, cfg=self.cfg, train=train, gpu=self._gpu, channels_last=self.channels_last,
             dtype=self.dtype, shard_id=self.rank, num_shards=self.world_size, batch_size=self.batch_size,
             num_threads=self.cfg.num_threads, device_id=self._device_id, seed=seed,
-            prefetch_queue_depth=self.cfg.prefetch, checkpoint=checkpoint,
+            prefetch_queue_depth=self.cfg.prefetch, checkpoint=checkpoint, sides=sides,
         )
         if train:
             # size=-1: the iterator never ends an epoch by itself; _train_batches counts the reader's batches.

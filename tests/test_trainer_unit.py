@@ -90,7 +90,7 @@ def test_the_checkpointer_saves_on_its_cadence_and_at_epoch_ends(tmp_path):
     # What a user of the weights needs, without the config: the classes and the preprocessing.
     assert state["classes"] == trainer.classes
     assert state["preprocessing"] == {"pixel_range": [0, 255], "channels": "RGB", "mean": [123.68, 116.78, 103.94],
-                                      "std": None, "image_size": 32, "val_resize": 32}
+                                      "std": None, "image_size": 32, "val_resize": 32, "val_image_size": 32}
 
 
 def test_train_one_epoch_says_why_it_returned(tmp_path):

@@ -67,6 +67,9 @@ class TrainConfig:
     deterministic: bool = False
     """Deterministic GPU kernels (cuDNN without autotuning, torch.use_deterministic_algorithms), so that a resumed
     run repeats an uninterrupted one bit for bit on GPUs too, at some speed; CPU runs are deterministic anyway."""
+    eval_flip: bool = False
+    """Validation averages the logits of each image and of its left-right flip (FFCV's lr_tta, which adds them:
+    the same predictions; the mean keeps the loss comparable); in trainer.evaluate too. Twice the val forward cost."""
     eval_every_epochs: int = 1
     """Evaluate on the val split every this many epochs, and always at the end."""
     max_nonfinite_steps: int = 20
@@ -294,6 +297,8 @@ def to_dict(cfg: Config) -> dict:
 
 def loader_options(cfg: Config, d: Dist) -> dict:
     """What training and evaluation alike pass to data.build.build_loader besides the split: this rank's place,
-    the batch, the seed, and the images' memory format and dtype, which follow the model's."""
+    the batch, the seed, the images' memory format and dtype, which follow the model's, and the run's length,
+    which data.resolution's ramp is a fraction of."""
     return dict(batch_size=cfg.train.batch_size, rank=d.rank, world_size=d.world_size, device=d.device,
-                seed=cfg.seed, channels_last=cfg.train.channels_last, dtype=INPUT_DTYPE[cfg.train.precision])
+                seed=cfg.seed, channels_last=cfg.train.channels_last, dtype=INPUT_DTYPE[cfg.train.precision],
+                epochs=cfg.train.epochs)

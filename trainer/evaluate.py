@@ -22,14 +22,17 @@ from trainer.precision import autocast, check_device
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "fp32") -> dict:
-    """Exact over all ranks: each val image is seen once, and counts (not means) are summed."""
+def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "fp32", flip: bool = False) -> dict:
+    """Exact over all ranks: each val image is seen once, and counts (not means) are summed. `flip`
+    (train.eval_flip): the logits are the mean of the image's and its left-right flip's."""
     was_training = model.training
     model.eval()
     sums = Sums(device, "loss", "top1", "top5", "samples")
     for images, labels in loader:
         with autocast(device, precision):
             logits = model(images)
+            if flip:
+                logits = (logits + model(images.flip(3))) / 2
         top1, top5 = correct_topk(logits, labels)
         sums.add(loss=F.cross_entropy(logits.float(), labels, reduction="sum"), top1=top1, top5=top5,
                  samples=len(labels))
@@ -49,12 +52,12 @@ def evaluate_checkpoint(source: Path, state: dict, cfg, d, ema: bool = False) ->
     loader = distributed.agree(lambda: build_loader(cfg.data, "val", **loader_options(cfg, d)), d)
     if list(loader.classes) != list(state["classes"]):
         raise UserInputError(f"{source} was trained on other classes than the val split of {cfg.data.root}")
-    metrics = evaluate(model, loader, d.device, cfg.train.precision)
+    metrics = evaluate(model, loader, d.device, cfg.train.precision, flip=cfg.train.eval_flip)
     logged = saved_run.logged_val(source, state["step"], ema)
     return {"checkpoint": str(source.resolve()), "step": state["step"], "epoch": state.get("epoch"),
             "weights": "ema" if ema else "model", "split": "val", **metrics, "world_size": d.world_size,
             "device": d.device.type, "precision": cfg.train.precision, "data_root": cfg.data.root,
-            "preprocessing": preprocessing(cfg.data),
+            "preprocessing": preprocessing(cfg.data), "eval_flip": cfg.train.eval_flip,
             "logged": {k: logged[k] for k in ("top1", "top5", "loss", "samples") if k in logged} if logged else None}
 
 

@@ -129,12 +129,12 @@ def export(checkpoint: Path, fmt: str, out: Path, *, ema: bool = False, input_ki
     trained = saved_run.build(state, cfg, weights, source)
     if input_kind == "torchvision":
         weights, fold = fold_input(weights, trained_pre)
-        pre = torchvision_preprocessing(cfg.data.image_size, cfg.data.val_resize)
+        pre = torchvision_preprocessing(cfg.data.val_crop, cfg.data.val_resize)
     else:
         fold, pre = {"applied": False}, trained_pre
     model = saved_run.build(state, cfg, weights, source)
     if fold["applied"]:
-        fold.update(fold_difference(trained, model, trained_pre, cfg.data.image_size))
+        fold.update(fold_difference(trained, model, trained_pre, cfg.data.val_crop))
     weights = {k: v.contiguous() for k, v in model.state_dict().items()}
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +152,7 @@ def export(checkpoint: Path, fmt: str, out: Path, *, ema: bool = False, input_ki
         from safetensors.torch import save_file
         save_file(weights, str(out), metadata={"format": "pt", "export": json.dumps(record)})
     else:
-        record["onnx"] = export_onnx(model, out, cfg.data.image_size)
+        record["onnx"] = export_onnx(model, out, cfg.data.val_crop)
     Path(f"{out}.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
 

@@ -16,10 +16,14 @@ CHANGEABLE_ON_RESUME = (
     "data.prefetch", "data.hw_decoder_load", "data.mmap", "train.max_steps", "train.threads", "train.stop_check_every",
     "train.eval_every_epochs", "train.max_nonfinite_steps", "train.compile", "train.cudnn_benchmark",
     "train.deterministic",
+    # Validation only: what the next evaluations measure, not what the run trains.
+    "train.eval_flip", "data.val_image_size",
     "train.channels_last", "optim.lr",
     # Only read when a run starts; a checkpoint's weights supersede them.
     "model.init_from", "model.init_head",
 )
+RESOLUTION_NOTE = ("data.resolution is the train crop's schedule over the whole run: changed mid-run, the epochs "
+                   "already trained would have followed another one")
 # How the global batch is split (per rank, accumulated): changeable on resume as long as the global batch stays,
 # as it must for a resume on another world size (keep_global_batch).
 BATCH_SPLIT = ("train.batch_size", "train.grad_accum")
@@ -40,7 +44,15 @@ def config_changes(saved: dict, current: dict) -> dict:
     """{key: (saved value, current value)} for every key of both configs whose value differs. A key only one of
     them has came or went with a new version of this code, not with the user's command: it is not a change."""
     old, new = flatten(saved), flatten(current)
-    return {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]}
+    changes = {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]}
+    # An optional section set where it was null (data.resolution), or the reverse: one side has the key as None,
+    # the other its fields.
+    for this, other, flip in ((old, new, False), (new, old, True)):
+        for key in sorted(this.keys() - other.keys()):
+            fields = {k[len(key) + 1:]: v for k, v in other.items() if k.startswith(key + ".")}
+            if this[key] is None and fields:
+                changes[key] = (fields, None) if flip else (None, fields)
+    return changes
 
 
 def changeable_on_resume(key: str, global_batch_kept: bool = False) -> bool:
@@ -93,7 +105,9 @@ def check(state: dict, config: dict, classes: List[str], global_batch: int, sour
         listed = ", ".join(f"{k}={changes[k][0]} (now {changes[k][1]})" for k in refused)
         raise ConfigError(refused[0], f"checkpoint {source} was written with {listed}: resuming with a different "
                                       f"value would silently change what the run computes. Set it back, or "
-                                      f"use another run.dir to start afresh")
+                                      f"use another run.dir to start afresh"
+                                      + (f" ({RESOLUTION_NOTE})" if refused[0].startswith("data.resolution")
+                                         else ""))
     if state["classes"] != classes:
         raise UserInputError(f"checkpoint {source} was trained on other classes than {config['data']['root']}")
     return changes

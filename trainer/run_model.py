@@ -8,6 +8,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from common.errors import ConfigError
 from common.log import log
+from data.resolution import distinct_sides
 from trainer.distributed import Dist
 from trainer.models import build_model
 from trainer.rng import seed_everything
@@ -44,13 +45,26 @@ def build(cfg, num_data_classes: int, d: Dist) -> nn.Module:
     return model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
 
 
+def compile_options(cfg) -> dict:
+    """torch.compile's options. With data.resolution the train crop takes one shape per distinct side: one static
+    graph each (dynamic=False; else Dynamo turns to one dynamic-shape graph at the second shape, which Inductor
+    fuses less well), so the run holds len(sides) graphs, and Dynamo's recompile limit is raised to len(sides) + 2
+    so that none falls back to eager. Validation runs the plain module, uncompiled."""
+    if cfg.data.resolution is None:
+        return {}
+    sides = distinct_sides(cfg.data, cfg.train.epochs)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(sides) + 2)
+    log.info(f"train.compile: one graph per train side, {len(sides)} ({', '.join(map(str, sides))} px)")
+    return {"dynamic": False}
+
+
 def wrap(model: nn.Module, cfg, d: Dist) -> nn.Module:
     """What the step calls: `model` compiled and DDP-wrapped as the config asks."""
     if cfg.train.compile:
         # Compiled here, the module's forward still compiles inside DDP's, so DDPOptimizer cuts its graph at the
         # bucket boundaries and all-reduce overlaps backward as when compiling the wrapper (measured both ways in
         # docs/performance.md); this way Dynamo stays out of DDP's own code, as PyTorch advises.
-        model = torch.compile(model)
+        model = torch.compile(model, **compile_options(cfg))
     # A process group of one rank (the GPU check makes one) gets DDP too: the multi-GPU path at world size 1.
     if d.world_size > 1 or torch.distributed.is_initialized():
         # Buckets fill in reverse layer order while backward runs, so all-reduce overlaps the backward pass;

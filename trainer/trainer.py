@@ -20,6 +20,7 @@ from common.errors import ConfigError, Diverged, SplitTooSmall
 from common.log import log
 from data.build import build_loader, ensure_demo_data, merge_states
 from data.config import preprocessing
+from data.resolution import train_sides
 from data.sharding import derive_seed
 from trainer import checkpoint, distributed, resume, run_model
 from trainer.accuracy import Sums, correct_topk
@@ -100,6 +101,7 @@ class Trainer:
             saved_split, cfg.train.batch_size, cfg.train.grad_accum, d.world_size))
         self.train_loader, self.val_loader = self._build_loaders()
         self.classes = list(self.train_loader.classes)
+        self.train_side = train_sides(cfg.data, cfg.train.epochs)  # epoch -> the train crop's side
         self._size_schedule()
 
         self.raw_model = run_model.build(cfg, len(self.classes), d)
@@ -264,6 +266,7 @@ class Trainer:
         """
         cfg = self.cfg.train
         self.model.train()
+        log.info(f"epoch {self.epoch}: the train crop is {self.train_side(self.epoch)} px")
         window = Sums(self.device, "loss", "correct", "samples", "data_wait")
         window_start, window_steps = time.perf_counter(), 0
         groups = accumulation_groups(self.train_loader, cfg.grad_accum)
@@ -363,7 +366,7 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": sums["samples"] / elapsed,
             "img_per_s_per_device": sums["samples"] / (elapsed * self.dist.world_size),
             "data_wait": sums["data_wait"] / (elapsed * self.dist.world_size), "data_wait_max": slowest_wait / elapsed,
-            "step_time_s": elapsed / steps,
+            "step_time_s": elapsed / steps, "resolution": self.train_side(self.epoch),
             "max_mem_mb": peak_memory_mb(self.device), "nonfinite_steps": int(self.guard.total)})
 
     def validate(self) -> None:
@@ -373,11 +376,12 @@ class Trainer:
         if self.ema:
             distributed.broadcast_buffers(self.ema.module, self.dist)
         epoch = self.step / self.steps_per_epoch
-        metrics = evaluate(self.raw_model, self.val_loader, self.device, self.cfg.train.precision)
+        precision, flip = self.cfg.train.precision, self.cfg.train.eval_flip
+        metrics = evaluate(self.raw_model, self.val_loader, self.device, precision, flip)
         self.monitor.write("val", self.step, epoch, self.images_seen, metrics)
         self.last_val = {**metrics, "step": self.step}
         if self.ema:
-            ema_metrics = evaluate(self.ema.module, self.val_loader, self.device, self.cfg.train.precision)
+            ema_metrics = evaluate(self.ema.module, self.val_loader, self.device, precision, flip)
             self.monitor.write("val_ema", self.step, epoch, self.images_seen, ema_metrics)
 
     def _summary(self, images: int, train_time: float) -> None:
