@@ -1,10 +1,13 @@
 """Progressive resizing (data.resolution): the train crop's side as a pure function of the epoch, by FFCV's rule.
 
-FFCV's ResNet-50 recipe trains at low resolution and ramps it up late in the run (rn50 88 epochs: 160 px until
-epoch 65, linear to 192 px at epoch 76, in steps of 32 px). The ramp here is given in fractions of the run
-(train.epochs), so a preset keeps its meaning at another length: FFCV's 65 and 76 of 88 are 0.739 and 0.864.
-Every loader asks `train_side(epoch)` for the batches it makes, so the size follows the epoch of the global batch
-being prepared, prefetching across an epoch boundary included, and no pipeline is rebuilt when it changes.
+FFCV's ResNet-50 recipe trains at low resolution and ramps it up late in the run: `get_resolution` is min_res up to
+start_ramp, np.interp to max_res at end_ramp, rounded to a multiple of 32, over 0-based epochs. Its six rn50 configs
+(16 to 88 epochs) all put the ramp at start_ramp = 0.75 x epochs - 1 and end_ramp = 0.875 x epochs - 1 (11/13 of
+16 ... 65/76 of 88). Here the ramp is a fraction of the run done at the end of the epoch, (epoch + 1) / epochs,
+which is the same rule: start_ramp 0.75 and end_ramp 0.875 give FFCV's side at every epoch of all six, so one
+preset stretches to any length. Every loader asks `train_side(epoch)` for the batches it makes, so the size
+follows the epoch of the global batch being prepared, prefetching across an epoch boundary included, and no
+pipeline is rebuilt when it changes.
 """
 from dataclasses import dataclass
 from functools import partial
@@ -23,10 +26,12 @@ class ResolutionConfig:
     """Side of the train crop, in pixels, up to start_ramp (FFCV's rn50: 160)."""
     max_res: int = 192
     """Side of the train crop from end_ramp on (FFCV's rn50: 192). At least min_res."""
-    start_ramp: float = 0.739
-    """Fraction of train.epochs where the ramp from min_res starts (FFCV's rn50: epoch 65 of 88)."""
-    end_ramp: float = 0.864
-    """Fraction of train.epochs where the ramp reaches max_res (FFCV's rn50: epoch 76 of 88). At least start_ramp."""
+    start_ramp: float = 0.75
+    """Fraction of the run done (at the end of an epoch) up to which the side is min_res: FFCV's rn50 configs, 0.75
+    (their start_ramp = 0.75 x epochs - 1, in 0-based epochs)."""
+    end_ramp: float = 0.875
+    """Fraction of the run done from which the side is max_res: FFCV's rn50 configs, 0.875 (end_ramp = 0.875 x
+    epochs - 1). At least start_ramp."""
     step: int = 32
     """Sides inside the ramp are rounded to a multiple of this (FFCV's 32). At most min_res."""
 
@@ -50,15 +55,15 @@ class ResolutionConfig:
 
 def train_side(epoch: int, *, epochs: int, resolution: Optional[ResolutionConfig], image_size: int) -> int:
     """The train crop's side in `epoch` (0-based) of a run of `epochs`: data.image_size without a schedule, else
-    FFCV's get_resolution with its ramp at start_ramp x epochs .. end_ramp x epochs."""
+    FFCV's get_resolution on the fraction of the run done at the epoch's end."""
     if resolution is None:
         return image_size
-    start, end = resolution.start_ramp * epochs, resolution.end_ramp * epochs
-    if epoch <= start:
+    done = (epoch + 1) / epochs
+    if done <= resolution.start_ramp:
         return resolution.min_res
-    if epoch >= end:
+    if done >= resolution.end_ramp:
         return resolution.max_res
-    side = np.interp([epoch], [start, end], [resolution.min_res, resolution.max_res])[0]
+    side = np.interp(done, [resolution.start_ramp, resolution.end_ramp], [resolution.min_res, resolution.max_res])
     return int(np.round(side / resolution.step)) * resolution.step
 
 

@@ -16,8 +16,10 @@ from trainer.resume import check, config_changes
 
 CPU = torch.device("cpu")
 EPOCHS = 4
-# Over 4 epochs: 16 px in epochs 0-1, 32 in 2, 48 in 3.
-RAMP = ResolutionConfig(min_res=16, max_res=48, start_ramp=0.25, end_ramp=0.75, step=16)
+# Over 4 epochs (0.25, 0.5, 0.75 and 1 of the run done at their ends): 16 px in epochs 0-1, 32 in 2, 48 in 3.
+RAMP = ResolutionConfig(min_res=16, max_res=48, start_ramp=0.5, end_ramp=1.0, step=16)
+# FFCV's rn50_configs/rn50_<epochs>_epochs.yaml: (start_ramp, end_ramp) in epochs.
+FFCV_RN50_RAMPS = {16: (11, 13), 24: (17, 20), 32: (23, 27), 40: (29, 34), 56: (41, 48), 88: (65, 76)}
 SIDES = [16, 16, 32, 48]
 
 
@@ -44,10 +46,12 @@ def ffcv_get_resolution(epoch, min_res, max_res, end_ramp, start_ramp):
     return int(np.round(interp[0] / 32)) * 32
 
 
-def test_the_schedule_is_ffcvs_rule():
-    rn50 = ResolutionConfig(min_res=160, max_res=192, start_ramp=65 / 88, end_ramp=76 / 88, step=32)
+def test_the_schedule_is_ffcvs_rule_at_every_length_of_its_rn50_configs():
+    rn50 = ResolutionConfig()  # the defaults: 160 -> 192 px over 0.75 .. 0.875 of the run, steps of 32
+    for epochs, (start, end) in FFCV_RN50_RAMPS.items():
+        ours = [train_side(e, epochs=epochs, resolution=rn50, image_size=224) for e in range(epochs)]
+        assert ours == [ffcv_get_resolution(e, 160, 192, end, start) for e in range(epochs)], epochs
     ours = [train_side(e, epochs=88, resolution=rn50, image_size=224) for e in range(88)]
-    assert ours == [ffcv_get_resolution(e, 160, 192, 76, 65) for e in range(88)]
     assert ours[65] == 160 and ours[76] == 192 and 176 not in ours
     assert train_side(3, epochs=88, resolution=None, image_size=224) == 224
     assert [train_side(e, epochs=EPOCHS, resolution=RAMP, image_size=32) for e in range(EPOCHS)] == SIDES
