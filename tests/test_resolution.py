@@ -9,7 +9,7 @@ from common.errors import ConfigError
 from data.build import build_loader, merge_states
 from data.config import DataConfig
 from data.resolution import ResolutionConfig, distinct_sides, train_side
-from tests.helpers import make_coded, roundtrip, run
+from tests.helpers import ROOT, make_coded, roundtrip, run
 from trainer.config import load_config, to_dict
 from trainer.evaluate import evaluate
 from trainer.resume import check, config_changes
@@ -226,3 +226,18 @@ def test_compile_makes_one_static_graph_per_side_within_the_raised_limit(monkeyp
     assert len(graphs) == len(sides)  # static: no dynamic-shape graph standing in for several
     assert sorted(next(s[-1] for s in g if len(s) == 4 and s[0] == 2) for g in graphs) == sides
     torch._dynamo.reset()
+
+
+def test_the_fast_preset_is_ffcvs_rn50_recipe_at_each_of_its_lengths():
+    for epochs, (start, end) in FFCV_RN50_RAMPS.items():
+        cfg = load_config(ROOT / "configs/resnet50_imagenet_fast.yaml", [f"train.epochs={epochs}"])
+        sides = [train_side(e, epochs=epochs, resolution=cfg.data.resolution, image_size=cfg.data.image_size)
+                 for e in range(epochs)]
+        assert sides == [ffcv_get_resolution(e, 160, 192, end, start) for e in range(epochs)], epochs
+    # rn50_configs: lr 1.7 at 512 x 8 GPUs, cyclic with the peak at epoch 2, label smoothing 0.1, no BN decay,
+    # blurpool, validation at 256 px with flip TTA.
+    assert cfg.optim.lr * cfg.train.batch_size * 8 / 256 == pytest.approx(1.7)
+    assert (cfg.schedule.name, cfg.schedule.peak_epoch, cfg.schedule.warmup_epochs) == ("triangular", 2, 0)
+    assert (cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.decay_bn_and_bias) == (0.9, 1e-4, False)
+    assert (cfg.train.label_smoothing, cfg.model.blurpool, cfg.train.eval_flip) == (0.1, True, True)
+    assert (cfg.data.val_image_size, cfg.data.val_resize) == (256, 292)  # FFCV's centre 224/256 of the side
