@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from bench.gpu_check import context, step
+from bench.gpu_check import context, fast_preset, step
 from bench.gpu_check import images as images_part
 from bench.gpu_check import run as gpu_check
 from bench.gpu_check.context import CheckFailed, Context
@@ -25,7 +25,7 @@ from data.folder import list_split
 from tests.helpers import ROOT, shared_dataset
 from trainer.trainer import Trainer
 
-CPU_PARTS = {"env", "images", "loader", "train_synthetic", "train_dali", "bf16", "resume"}
+CPU_PARTS = {"env", "images", "loader", "train_synthetic", "train_dali", "fast_preset", "bf16", "resume"}
 CUDA_PARTS = {"fp16", "fp16_skip", "sync_free", "syncbn", "train_synthetic_compiled", "train_dali_compiled",
               "compile_ddp"}
 
@@ -35,7 +35,7 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--cpu-smoke", str(out)],
-                            check=False, env=env, capture_output=True, text=True, timeout=300)
+                            check=False, env=env, capture_output=True, text=True, timeout=420)  # past its 360 s cap
     return result, json.loads((out / "gpu_check.json").read_text()), out
 
 
@@ -73,6 +73,21 @@ def test_cpu_parts_carry_their_figures(smoke):
     assert resume["train_losses_equal"] is True and resume["tensors_compared"] > 0
     assert resume["deterministic"] is True and resume["checkpoint_tensors"] > resume["tensors_compared"]
     assert resume["checkpoint_tensors_off_cpu"] == []
+    fast = parts["fast_preset"]
+    assert fast["epoch_sides"]["16"] == [160] * 12 + [192] * 4 and fast["epoch_sides"]["32"] == [160] * 25 + [192] * 7
+    assert len(fast["train_img_per_s"]) == 2 and all(rate > 0 for rate in fast["train_img_per_s"].values())
+    assert 0 < fast["projected_minutes"]["16"] < fast["projected_minutes"]["32"]
+
+
+def test_the_fast_preset_projection_prices_each_epoch_at_its_side():
+    rates = {160: 2000.0, 192: 1000.0}
+    one_160 = fast_preset.projected_minutes([160], rates, val_side=192, flip=False)
+    one_192 = fast_preset.projected_minutes([192], rates, val_side=192, flip=False)
+    val = fast_preset.VAL_IMAGES / (1000.0 / fast_preset.VAL_COST)
+    scale = fast_preset.GPUS * fast_preset.SCALING * 60
+    assert one_192 == pytest.approx((fast_preset.TRAIN_IMAGES / 1000.0 + val) / scale)
+    assert one_160 == pytest.approx((fast_preset.TRAIN_IMAGES / 2000.0 + val) / scale)
+    assert fast_preset.projected_minutes([160, 192], rates, 192, flip=True) > one_160 + one_192
 
 
 @pytest.mark.slow

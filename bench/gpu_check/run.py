@@ -64,14 +64,14 @@ class Part:
 # the budget, so the parts before the compiles cannot use the compiles' time, and the script ends within its cap.
 PARTS = (
     Part("env", 15, "GPU, driver, CUDA, cuDNN, NCCL, torch, DALI versions", "bench.gpu_check.env:check_env"),
-    Part("images", 20, "the real ImageNet samples (../shared/datasets/) or generated JPEGs (bench.images), "
+    Part("images", 15, "the real ImageNet samples (../shared/datasets/) or generated JPEGs (bench.images), "
          "hard-linked into a big split; demo set",
          "bench.gpu_check.images:check_images"),
-    Part("loader", 20, "DALI train pipeline alone, images/s per hw_decoder_load",
+    Part("loader", 15, "DALI train pipeline alone, images/s per hw_decoder_load",
          "bench.gpu_check.throughput:check_loader", needs_images=True),
     Part("train_synthetic", 20, "Trainer images/s on synthetic data (the model's ceiling)",
          "bench.gpu_check.throughput:check_train_synthetic"),
-    Part("train_dali", 25, "Trainer images/s on the DALI loader",
+    Part("train_dali", 20, "Trainer images/s on the DALI loader",
          "bench.gpu_check.throughput:check_train_dali", needs_images=True),
     Part("fp16", 15, "fp16 + GradScaler run on the demo set: the loss must come down",
          "bench.gpu_check.numerics:check_fp16", needs_cuda=True, needs_images=True),
@@ -81,9 +81,12 @@ PARTS = (
          "bench.gpu_check.step:check_fp16_skip", needs_cuda=True),
     Part("sync_free", 15, "train steps that neither log nor check for a stop: no host sync, loader and trainer",
          "bench.gpu_check.step:check_sync_free", needs_cuda=True, needs_images=True),
-    Part("syncbn", 20, "SyncBatchNorm on 2 ranks vs BatchNorm on the whole batch; NCCL DDP + SyncBN step",
+    Part("syncbn", 15, "SyncBatchNorm on 2 ranks vs BatchNorm on the whole batch; NCCL DDP + SyncBN step",
          "bench.gpu_check.numerics:check_syncbn", needs_cuda=True),
-    Part("resume", 35, "N steps vs N/2 + resume + N/2, deterministic, compared bitwise; CPU tensors saved",
+    Part("fast_preset", 25, "Trainer images/s at each train side of configs/resnet50_imagenet_fast.yaml; its 16 and "
+         "32 epochs projected to 8 GPUs, beside FFCV's 8 x A100 minutes",
+         "bench.gpu_check.fast_preset:check_fast_preset"),
+    Part("resume", 30, "N steps vs N/2 + resume + N/2, deterministic, compared bitwise; CPU tensors saved",
          "bench.gpu_check.resume:check_resume", needs_images=True),
     Part("train_synthetic_compiled", 55, "as train_synthetic, under torch.compile (Inductor's first compile)",
          "bench.gpu_check.throughput:check_train_synthetic_compiled", needs_cuda=True, compiles=True),

@@ -77,14 +77,16 @@ def check_loader(ctx: Context) -> Passed:
         "default_hw_decoder_load": cfg.data.hw_decoder_load, "runs": runs})
 
 
-def _trainer_rate(ctx: Context, backend: str, compiled: bool) -> Passed:
+def trainer_rate(ctx: Context, backend: str, compiled: bool, *extra: str, name: str = "") -> Passed:
+    """The real Trainer's images/s on the preset at this mode's sizes, `extra` overrides last; runs in
+    runs/`name` (by default train_<backend>[_compiled])."""
     s = ctx.sizes
     steps = s.train_warmup + s.train_steps
     data = (["data.backend=synthetic", f"data.synthetic_samples={s.batch * steps}"] if backend == "synthetic"
             else [f"data.root={ctx.images}"])
-    name = f"train_{backend}{'_compiled' if compiled else ''}"
+    name = name or f"train_{backend}{'_compiled' if compiled else ''}"
     run_dir, _ = ctx.run_trainer(name, *data, "model.num_classes=1000", f"train.max_steps={steps}",
-                                 f"monitor.every_steps={s.train_warmup}", f"train.compile={compiled}")
+                                 f"monitor.every_steps={s.train_warmup}", f"train.compile={compiled}", *extra)
     # One record per `train_warmup` steps; the first window (warm-up, compile) is left out.
     train = train_records(run_dir)
     rate = throughput(train, s.batch)
@@ -101,16 +103,16 @@ def _trainer_rate(ctx: Context, backend: str, compiled: bool) -> Passed:
 
 
 def check_train_synthetic(ctx: Context) -> Passed:
-    return _trainer_rate(ctx, "synthetic", compiled=False)
+    return trainer_rate(ctx, "synthetic", compiled=False)
 
 
 def check_train_dali(ctx: Context) -> Passed:
-    return _trainer_rate(ctx, "dali", compiled=False)
+    return trainer_rate(ctx, "dali", compiled=False)
 
 
 def check_train_synthetic_compiled(ctx: Context) -> Passed:
-    return _trainer_rate(ctx, "synthetic", compiled=True)
+    return trainer_rate(ctx, "synthetic", compiled=True)
 
 
 def check_train_dali_compiled(ctx: Context) -> Passed:
-    return _trainer_rate(ctx, "dali", compiled=True)
+    return trainer_rate(ctx, "dali", compiled=True)
