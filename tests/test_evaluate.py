@@ -105,11 +105,13 @@ def test_missing_file_under_torchrun_style_subprocess_has_no_traceback(tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr and "no such file" in result.stderr
 
 
-def test_a_blurpool_checkpoint_evaluates_as_the_trainer_evaluated_it(tmp_path):
+@pytest.mark.parametrize("option", ["model.blurpool=true", "train.eval_flip=true"])
+def test_a_checkpoint_evaluates_as_the_trainer_evaluated_it(tmp_path, option):
+    """A blurpool net, and flip TTA: trainer.evaluate gives the in-training validation's figures."""
     from tests.test_trainer_unit import ALONE, SMALL
     from trainer.config import load_config
     from trainer.trainer import Trainer
-    cfg = load_config(None, [*SMALL, "model.blurpool=true", f"run.dir={tmp_path / 'run'}"])
+    cfg = load_config(None, [*SMALL, option, f"run.dir={tmp_path / 'run'}"])
     with Trainer(cfg, ALONE) as t:
         t.train_step([next(iter(t.train_loader))])
         t.step = 1
@@ -121,3 +123,6 @@ def test_a_blurpool_checkpoint_evaluates_as_the_trainer_evaluated_it(tmp_path):
     got = json.loads(out.read_text())
     assert got["step"] == 1 and (got["top1"], got["samples"]) == (want["top1"], want["samples"])
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+    if option == "train.eval_flip=true":  # and the flip was applied: without it the loss is another
+        assert main([str(tmp_path / "run"), "train.eval_flip=false", "--json", str(out)]) == 0
+        assert json.loads(out.read_text())["loss"] != pytest.approx(want["loss"], rel=1e-6)

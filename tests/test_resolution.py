@@ -241,3 +241,21 @@ def test_the_fast_preset_is_ffcvs_rn50_recipe_at_each_of_its_lengths():
     assert (cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.decay_bn_and_bias) == (0.9, 1e-4, False)
     assert (cfg.train.label_smoothing, cfg.model.blurpool, cfg.train.eval_flip) == (0.1, True, True)
     assert (cfg.data.val_image_size, cfg.data.val_resize) == (256, 292)  # FFCV's centre 224/256 of the side
+
+
+def test_the_trainer_logs_each_epochs_side_and_its_batches_have_it(tmp_path):
+    from tests.helpers import metrics
+    from tests.test_trainer_unit import ALONE, SMALL
+    from trainer.trainer import Trainer
+    ramp = ["data.resolution.min_res=16", "data.resolution.max_res=32", "data.resolution.start_ramp=0.5",
+            "data.resolution.end_ramp=1.0", "data.resolution.step=16", "monitor.every_steps=4"]
+    cfg = load_config(None, [*SMALL, *ramp, f"run.dir={tmp_path / 'run'}"])
+    seen = []
+    with Trainer(cfg, ALONE) as t:
+        original = t.train_step
+        t.train_step = lambda group: (seen.append(group[0][0].shape[-1]), original(group))[1]
+        assert t.train() == 0
+    assert seen == [16] * 8 + [32] * 8  # 8 steps an epoch: epoch 0 at 16 px, epoch 1 at 32
+    assert [r["resolution"] for r in metrics(tmp_path / "run", "train")] == [16, 16, 32, 32]
+    log = (tmp_path / "run" / "logs" / "rank0.log").read_text()
+    assert "epoch 0: the train crop is 16 px" in log and "epoch 1: the train crop is 32 px" in log
