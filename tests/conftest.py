@@ -7,7 +7,7 @@ import pytest
 
 from data.make_demo_dataset import DemoParams, make_demo_dataset
 from data.make_shards import make_shards
-from tests.helpers import shared_dataset
+from tests.helpers import DDP_RUN, run_trainer, shared_dataset
 from tests.slurm_cluster import LocalSlurm, missing_reason
 
 
@@ -37,6 +37,16 @@ def tiny_data(tmp_path_factory) -> Path:
     # One worker: a fork pool started after in-process tests have started threads (DALI's, torch's) can deadlock.
     return make_demo_dataset(tmp_path_factory.mktemp("tiny") / "data",
                              DemoParams(seed=1, classes=4, train_per_class=24, val_per_class=4), workers=1)
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tiny_data, tmp_path_factory):
+    """(run dir, finished process) of one two-process helpers.DDP_RUN on tiny_data: 24 steps with an EMA, every
+    checkpoint kept. The tests that only read a two-rank run's outputs (test_trainer_ddp, test_evaluate) share it."""
+    run_dir = tmp_path_factory.mktemp("ddp_run") / "run"
+    result = run_trainer(2, *DDP_RUN, f"data.root={tiny_data}", f"run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
 
 
 @pytest.fixture(scope="session")

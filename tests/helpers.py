@@ -95,6 +95,8 @@ TINY = ["model.name=resnet20", "data.image_size=32", "data.val_resize=36", "data
         "data.crop_area=[0.25,1.0]", "train.batch_size=4", "train.precision=fp32", "train.epochs=2",
         "train.sync_bn=false", "schedule.warmup_epochs=0.5", "monitor.every_steps=1", "monitor.wandb=false",
         "checkpoint.every_steps=5"]
+# conftest's ddp_run: TINY with an EMA (so that it has val_ema figures) and every checkpoint kept.
+DDP_RUN = [*TINY, "optim.ema_decay=0.9", "checkpoint.keep=10"]
 
 
 def trainer_env(**extra) -> dict:

@@ -6,19 +6,15 @@ import subprocess
 import pytest
 import torch
 
-from tests.helpers import ROOT, TINY, metrics, module_command, run_trainer, trainer_env
+from tests.helpers import ROOT, TINY, metrics, module_command, trainer_env
 from trainer.evaluate import main
 
 EPOCH_END = 12  # TINY on tiny_data: 12 steps per epoch at 2 processes x batch 4
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tiny_data, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("eval") / "run"
-    result = run_trainer(2, *TINY, f"data.root={tiny_data}", f"run.dir={run_dir}", "optim.ema_decay=0.9",
-                         "checkpoint.keep=10")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
+def two_process_run(ddp_run):
+    return ddp_run[0]
 
 
 def logged(run_dir, step, split="val"):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.helpers import (
+    DDP_RUN,
     ROOT,
     TINY,
     final_checkpoint,
@@ -59,11 +60,9 @@ def final_state(run_dir):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_data, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("ddp") / "whole"
-    result = run_trainer(2, *TINY, f"data.root={tiny_data}", f"run.dir={run_dir}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir, result
+def uninterrupted(ddp_run):
+    """conftest's ddp_run, shared with test_evaluate: helpers.DDP_RUN on tiny_data."""
+    return ddp_run
 
 
 def test_two_ranks_train_and_only_rank0_writes(uninterrupted):
@@ -84,10 +83,10 @@ def test_two_ranks_train_and_only_rank0_writes(uninterrupted):
     assert state["world_size"] == 2 and len(state["loader"]) == 2 and len(state["rng"]) == 2
 
 
-def kill_mid_epoch_and_resume_bitwise(whole_dir, data, run_dir):
-    """Runs the uninterrupted run's command (TINY, `data` overrides) into run_dir, SIGKILLs it mid-epoch 2, runs the
-    same command again and checks that it ends as the uninterrupted run did, bitwise."""
-    command = trainer_command(2, *TINY, *data, f"run.dir={run_dir}")
+def kill_mid_epoch_and_resume_bitwise(whole_dir, overrides, run_dir):
+    """Runs the uninterrupted run's command (its `overrides`) into run_dir, SIGKILLs it mid-epoch 2, runs the same
+    command again and checks that it ends as the uninterrupted run did, bitwise."""
+    command = trainer_command(2, *overrides, f"run.dir={run_dir}")
     proc = subprocess.Popen(command, cwd=ROOT, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
@@ -120,7 +119,7 @@ def kill_mid_epoch_and_resume_bitwise(whole_dir, data, run_dir):
 
 
 def test_sigkill_mid_epoch_then_same_command_resumes_bitwise(uninterrupted, tiny_data, tmp_path):
-    kill_mid_epoch_and_resume_bitwise(uninterrupted[0], [f"data.root={tiny_data}"], tmp_path / "killed")
+    kill_mid_epoch_and_resume_bitwise(uninterrupted[0], [*DDP_RUN, f"data.root={tiny_data}"], tmp_path / "killed")
 
 
 def test_sigkill_mid_epoch_on_shards_then_same_command_resumes_bitwise(tiny_shards, tmp_path):
@@ -128,7 +127,7 @@ def test_sigkill_mid_epoch_on_shards_then_same_command_resumes_bitwise(tiny_shar
     whole = run_trainer(2, *TINY, *data, f"run.dir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert [r["samples"] for r in metrics(tmp_path / "whole", "val")] == [16, 16]
-    kill_mid_epoch_and_resume_bitwise(tmp_path / "whole", data, tmp_path / "killed")
+    kill_mid_epoch_and_resume_bitwise(tmp_path / "whole", [*TINY, *data], tmp_path / "killed")
 
 
 def test_evaluation_with_two_ranks_equals_one(uninterrupted):
