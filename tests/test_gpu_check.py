@@ -47,12 +47,13 @@ def test_smoke_exits_zero_and_reports_every_part(smoke):
     assert set(report["parts"]) == CPU_PARTS | CUDA_PARTS
     assert report["counts"] == {"pass": len(CPU_PARTS), "fail": 0, "skipped": len(CUDA_PARTS)}
     assert all(report["parts"][name] == {"status": "skipped", "reason": "no CUDA"} for name in CUDA_PARTS)
-    assert "7 passed, 0 failed, 7 skipped" in result.stdout
+    counts = f"{len(CPU_PARTS)} passed, 0 failed, {len(CUDA_PARTS)} skipped"
+    assert counts in result.stdout
     assert "===== resume" in (out / "gpu_check.log").read_text()
     table = (out / "gpu_check.md").read_text()
-    assert "7 passed, 0 failed, 7 skipped" in table and "so far" not in table
+    assert counts in table and "so far" not in table
     assert all(f"| {name} | " in table for name in CPU_PARTS | CUDA_PARTS)
-    assert report["complete"] is True and report["time_boxes_s"]["resume"] == 35 * gpu_check.CPU_SMOKE_BOX_FACTOR
+    assert report["complete"] is True and report["time_boxes_s"]["resume"] == 30 * gpu_check.CPU_SMOKE_BOX_FACTOR
 
 
 @pytest.mark.slow
