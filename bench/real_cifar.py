@@ -38,7 +38,7 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _run(command: List[str], log: Path) -> dict:
+def run_logged(command: List[str], log: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     cpu, start = _children_cpu_s(), time.perf_counter()
     with open(log, "w") as out:
@@ -55,7 +55,7 @@ def run_service(root: Path, out: Path, nproc: int, epochs: int, overrides: List[
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "trainer.main", "--config", PRESET, f"data.root={root}", f"train.epochs={epochs}",
                f"run.dir={run_dir}", "monitor.wandb=false", "monitor.progress=false", *overrides]
-    result = _run(command, out / "service.log")
+    result = run_logged(command, out / "service.log")
     summary = re.search(r"train ([\d.]+) img/s", Path(result["log"]).read_text())
     val = [r for r in read_metrics(run_dir) if r["split"] == "val"][-1]
     return {**result, "val_top1": val["top1"], "val_images": val["samples"], "img_per_s": float(summary[1]),
@@ -66,7 +66,7 @@ def run_plain(root: Path, out: Path, nproc: int, epochs: int) -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "bench.plain_cifar", "--root", str(root), "--epochs", str(epochs),
                "--batch-size", str(128 // nproc)]
-    result = _run(command, out / "plain.log")
+    result = run_logged(command, out / "plain.log")
     printed = [line for line in Path(result["log"]).read_text().splitlines() if line.startswith("{")]
     return {**result, **json.loads(printed[-1])}
 

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from bench.real_cifar import _run, run_service
+from bench.real_cifar import run_logged, run_service
 from common import cli
 from common.errors import UserInputError
 from data.folder import layout_root
@@ -70,7 +70,7 @@ def evaluate_flipped(run_dir: Path, out: Path) -> float:
     result = out / "flip.json"
     command = [sys.executable, "-m", "trainer.evaluate", str(run_dir), "train.eval_flip=true", "--json",
                str(result)]
-    _run(command, out / "flip.log")
+    run_logged(command, out / "flip.log")
     return json.loads(result.read_text())["top1"]
 
 
