@@ -32,7 +32,7 @@ def coded(tmp_path_factory):
 
 def loader(root, backend="dali", resolution=RAMP, split="train"):
     cfg = DataConfig(root=root, backend=backend, image_size=32, val_resize=36, resolution=resolution,
-                     num_threads=1 if backend == "torchvision" else 2)
+                     num_threads=1 if backend == "torchvision" else 2, synthetic_samples=24)  # as many as coded's
     return build_loader(cfg, split, batch_size=4, rank=0, world_size=1, device=CPU, seed=0, epochs=EPOCHS)
 
 
