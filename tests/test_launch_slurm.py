@@ -81,15 +81,22 @@ def uninterrupted(slurm, tmp_path_factory, tiny_demo):
     return run_dir
 
 
-def test_demo_reaches_its_accuracy_across_two_nodes(slurm, tmp_path):
-    """The expensive one: the whole demo schedule (a few minutes of both cores), its dataset made by rank 0."""
+# The demo's recipe on a shorter schedule at smaller crops: about a third of the whole demo's arithmetic. Two CPU
+# processes reached 86.6% (82.0% after epoch 3); chance is 10%, and the whole demo (make demo) reaches 98%.
+DEMO_SHORT = ["data.image_size=40", "data.val_resize=46", "train.epochs=4"]
+DEMO_SHORT_TOP1 = 70
+
+
+def test_demo_learns_across_two_nodes(slurm, tmp_path):
+    """The expensive one: the demo's dataset made by rank 0 while node 2 waits, then its recipe trained over both
+    nodes, shortened (DEMO_SHORT)."""
     demo = tmp_path / "demo"
-    job_id, run_dir, log = submit(slurm, tmp_path, [f"data.root={demo}", "monitor.wandb=false"])
+    job_id, run_dir, log = submit(slurm, tmp_path, [f"data.root={demo}", "monitor.wandb=false", *DEMO_SHORT])
     job = wait_until_final(slurm, job_id, 1200)
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), read(log)
     assert_ran_on_both_nodes(read(log), run_dir)
     final_val = metrics(run_dir, "val")[-1]
-    assert final_val["top1"] >= 90, final_val
+    assert final_val["samples"] == 500 and final_val["top1"] >= DEMO_SHORT_TOP1, final_val
 
 
 def test_usr1_checkpoints_requeues_and_resumes_bitwise(slurm, tmp_path, tiny_demo, uninterrupted):
@@ -107,22 +114,6 @@ def test_usr1_checkpoints_requeues_and_resumes_bitwise(slurm, tmp_path, tiny_dem
         assert f"{label}: node {node}: stopped on SIGUSR1; checkpoint saved at step {step}: " in text, text
     assert_ran_on_both_nodes(text, run_dir)
     assert_same_model(run_dir, uninterrupted)
-
-
-def test_scancel_saves_and_does_not_requeue(slurm, tmp_path, tiny_demo):
-    job_id, run_dir, log = submit(slurm, tmp_path, short_run(tiny_demo, epochs=3))
-    wait_for(lambda: last_train_step(run_dir) >= 2, 180, f"step 2 of job {job_id}")
-    subprocess.run(["scancel", job_id], env=slurm.env(), check=True)
-    job = wait_until_final(slurm, job_id, 120)
-    text = read(log)
-    assert (job["JobState"], job["Restarts"]) == ("CANCELLED", "0"), text
-    assert "stopping on a signal at step" in text and "requeueing" not in text, text
-    assert final_checkpoint(run_dir)["step"] == stopped_at(text)
-    assert_clean_stop(text, "SIGTERM", checkpoint_path(run_dir, stopped_at(text)))
-    # Every rank's output is also in its own file, under the run directory.
-    rank_logs = sorted(run_dir.glob("logs/n*/*/attempt_0/0/stdout.log"))
-    assert [p.relative_to(run_dir).parts[1] for p in rank_logs] == ["n1", "n2"], list(run_dir.rglob("*"))
-    assert sum("stopping on a signal at step" in p.read_text() for p in rank_logs) == 1
 
 
 def test_scancel_during_a_slow_checkpoint_keeps_it_and_the_same_command_resumes(slurm, tmp_path, tiny_demo):
@@ -191,18 +182,20 @@ def workers_of(job_id):
     return workers
 
 
-def test_workers_may_use_every_cpu_slurm_gave_their_node(slurm, tmp_path, tiny_demo):
-    """The local cluster binds tasks to cores by default (TaskPluginParam=Cores), as many sites do: srun's one
-    task per node must still hand torchrun and its workers all of the node's CPUs."""
+def test_workers_may_use_every_cpu_slurm_gave_their_node_and_scancel_saves_without_requeue(slurm, tmp_path,
+                                                                                          tiny_demo):
+    """One job, two things of it. The local cluster binds tasks to cores by default (TaskPluginParam=Cores), as many
+    sites do: srun's one task per node must still hand torchrun and its workers all of the node's CPUs. Then a
+    plain scancel (SIGTERM) stops it cleanly with a checkpoint, and Slurm does not requeue it."""
     job_id, run_dir, log = submit(slurm, tmp_path, short_run(tiny_demo, epochs=3))
     try:
-        wait_for(lambda: last_train_step(run_dir) >= 1 and len(workers_of(job_id)) == 2, 180,
-                 f"both workers of job {job_id} training")
+        wait_for(lambda: last_train_step(run_dir) >= 2 and len(workers_of(job_id)) == 2, 180,
+                 f"both workers of job {job_id} past step 2")
         given = cpus_of_nodes(slurm, job_id)
         workers = workers_of(job_id)
     finally:
         subprocess.run(["scancel", job_id], env=slurm.env(), check=True)
-        wait_until_final(slurm, job_id, 120)
+    job = wait_until_final(slurm, job_id, 120)
     text = read(log)
     assert given == {"n1": {0, 1}, "n2": {0, 1}}, given
     assert sorted(node for node, _, _ in workers.values()) == ["n1", "n2"], workers
@@ -211,6 +204,15 @@ def test_workers_may_use_every_cpu_slurm_gave_their_node(slurm, tmp_path, tiny_d
         assert (env.get("PYTHONFAULTHANDLER"), env.get("NCCL_DEBUG")) == ("1", "WARN"), rank
     for label, node in NODES.items():
         assert f"{label}: node {node}: starting torchrun on 2 CPUs (0-1) of the 2 Slurm gave the node" in text, text
+
+    assert (job["JobState"], job["Restarts"]) == ("CANCELLED", "0"), text
+    assert "stopping on a signal at step" in text and "requeueing" not in text, text
+    assert final_checkpoint(run_dir)["step"] == stopped_at(text)
+    assert_clean_stop(text, "SIGTERM", checkpoint_path(run_dir, stopped_at(text)))
+    # Every rank's output is also in its own file, under the run directory.
+    rank_logs = sorted(run_dir.glob("logs/n*/*/attempt_0/0/stdout.log"))
+    assert [p.relative_to(run_dir).parts[1] for p in rank_logs] == ["n1", "n2"], list(run_dir.rglob("*"))
+    assert sum("stopping on a signal at step" in p.read_text() for p in rank_logs) == 1
 
 
 def test_array_tasks_have_their_own_run_dirs_and_requeue_alone(slurm, tmp_path, tiny_demo):
