@@ -77,7 +77,7 @@ def test_quick_run_writes_the_figure_and_the_table(tmp_path):
     assert "`python -m trainer.experiments.degradation --quick --out" in text and "A `--quick` run" in text
     for model in ("plain20", "plain56", "resnet20", "resnet56"):
         run = read_run(out / model)
-        assert run.train[-1][0] == run.test[-1][0] == 28  # 240 images at batch 32, 4 epochs
+        assert run.train[-1][0] == run.test[-1][0] == 28  # 120 images at batch 16, 4 epochs
         assert len(run.test) == 4
 
     # The page is rewritten from the runs and what the training invocation kept, without training.

@@ -81,7 +81,7 @@ WHY_THESE_DEFAULTS = [
 # 55 minutes of an idle 2-core CPU (AVX-512) for the four nets: ResNet-56's step costs about 12 ms of CPU per image.
 CIFAR = Budget(train_per_class=5000, val_per_class=1000, batch_size=32, epochs=4, train_points=48)
 # Checks that the machinery runs end to end; its figures mean nothing.
-QUICK = Budget(train_per_class=8, val_per_class=2, batch_size=32, epochs=4, train_points=8)
+QUICK = Budget(train_per_class=4, val_per_class=2, batch_size=16, epochs=4, train_points=8)
 
 
 def model_names(depths) -> List[str]:
