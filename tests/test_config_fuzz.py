@@ -231,16 +231,36 @@ CLI_CASES = [  # (config file content or None, overrides, the start of the messa
 ]
 
 
-@pytest.mark.parametrize("content, overrides, expected", CLI_CASES,
-                         ids=["syntax", "binary", "python-tag", "seed", "lr", "image-size", "root", "run-dir"])
-def test_command_line_exits_2_without_traceback(content, overrides, expected, tmp):
+CLI_IDS = ["syntax", "binary", "python-tag", "seed", "lr", "image-size", "root", "run-dir"]
+
+
+def cli_case(content, overrides, tmp) -> list:
+    """The case's config file written under tmp; its trainer.main arguments."""
     config = []
     if content is not None:
         content = content if isinstance(content, bytes) else content.replace("{tmp}", str(tmp)).encode()
         (tmp / "config.yaml").write_bytes(content)
         config = ["--config", str(tmp / "config.yaml")]
+    return [*config, *BASE, f"run.dir={tmp}/run", *[o.replace("{tmp}", str(tmp)) for o in overrides]]
+
+
+@pytest.mark.parametrize("content, overrides, expected", CLI_CASES, ids=CLI_IDS)
+def test_command_line_exits_2_without_traceback(content, overrides, expected, tmp, capsys):
+    argv = cli_case(content, overrides, tmp)
     before = tree(tmp)
-    result = run_cli(*config, *BASE, f"run.dir={tmp}/run", *[o.replace("{tmp}", str(tmp)) for o in overrides])
+    code, out, err = run_main(argv, capsys)
+    assert_refused(code, err, expected.replace("{tmp}", str(tmp)))
+    assert out == "" and tree(tmp) == before
+    assert not (tmp / "pwned").exists()
+
+
+def test_a_python_tag_in_a_config_is_refused_by_the_real_command(tmp):
+    """The same through the interpreter, for the case where a mistake would run code: exit 2, one message on stderr,
+    nothing written, nothing run."""
+    content, overrides, expected = CLI_CASES[CLI_IDS.index("python-tag")]
+    argv = cli_case(content, overrides, tmp)
+    before = tree(tmp)
+    result = run_cli(*argv)
     assert_refused(result.returncode, result.stderr, expected.replace("{tmp}", str(tmp)))
     assert result.stdout == "" and tree(tmp) == before
     assert not (tmp / "pwned").exists()

@@ -1,12 +1,14 @@
 """`python -m trainer.main --help` lists every config key with its default and docstring, grouped by component."""
+import dataclasses
 import subprocess
 
 import pytest
 from omegaconf import OmegaConf
 
+from data.resolution import ResolutionConfig
 from tests.helpers import ROOT, module_command, trainer_env
 from trainer.config import Config
-from trainer.config_docs import field_docs, show
+from trainer.config_docs import field_docs, optional_group, show
 from trainer.main import main
 from trainer.models import ModelConfig
 from trainer.resume import flatten
@@ -35,15 +37,27 @@ def test_docstrings_are_listed_under_their_group(help_text):
     assert f"seed=0 {field_docs(Config)['seed']}" in flat
 
 
+def test_a_component_off_by_default_is_listed_with_the_keys_it_takes_when_set(help_text):
+    lines = [line.strip() for line in help_text.splitlines()]
+    assert "data.resolution=null" in lines
+    assert "data.resolution, when set: ResolutionConfig in data/resolution.py" in lines
+    for key, value in vars(ResolutionConfig()).items():
+        assert f"data.resolution.{key}={show(value)}" in lines, key
+
+
 def test_every_field_has_a_docstring():
     undocumented = []
 
     def walk(cls, prefix):
-        for key, value in vars(cls()).items():
-            if hasattr(value, "__dataclass_fields__"):
-                walk(type(value), f"{prefix}{key}.")
-            elif key not in field_docs(cls):
-                undocumented.append(prefix + key)
+        for f in dataclasses.fields(cls):
+            value = getattr(cls(), f.name)
+            if dataclasses.is_dataclass(value):
+                walk(type(value), f"{prefix}{f.name}.")
+                continue
+            if f.name not in field_docs(cls):
+                undocumented.append(prefix + f.name)
+            if value is None and optional_group(cls, f) is not None:
+                walk(optional_group(cls, f), f"{prefix}{f.name}.")
     walk(Config, "")
     assert not undocumented
 

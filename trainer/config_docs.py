@@ -5,6 +5,7 @@ import dataclasses
 import inspect
 import json
 import textwrap
+import typing
 from functools import lru_cache
 from pathlib import Path
 
@@ -57,17 +58,30 @@ def _entry(key: str, value, doc: str, indent: str) -> list:
     return lines
 
 
+def optional_group(cls, f: dataclasses.Field):
+    """The dataclass of a field that is null by default and a component when set (Optional[SomeConfig]), else None."""
+    hint = typing.get_type_hints(cls).get(f.name)
+    if typing.get_origin(hint) is typing.Union:
+        groups = [arg for arg in typing.get_args(hint) if dataclasses.is_dataclass(arg)]
+        if len(groups) == 1 and type(None) in typing.get_args(hint):
+            return groups[0]
+    return None
+
+
 def _section(cls, prefix: str) -> list:
-    """The leaf keys of `cls` first, then one group per nested dataclass (a component), recursively."""
+    """The leaf keys of `cls` first, then one group per nested dataclass (a component), recursively. A component
+    that is off (null) by default is listed as a key, and its keys as a group with the defaults they take when set."""
     lines, groups = [], []
     for f in dataclasses.fields(cls):
         value = default_of(f)
         if dataclasses.is_dataclass(value):
-            groups.append((f"{prefix}{f.name}", type(value)))
-        else:
-            lines += _entry(f"{prefix}{f.name}", value, field_docs(cls).get(f.name, ""), "  ")
-    for name, group in groups:
-        lines += ["", f"{name}: {group.__name__} in {_where(group)}", *_section(group, f"{name}.")]
+            groups.append((f"{prefix}{f.name}", type(value), ""))
+            continue
+        lines += _entry(f"{prefix}{f.name}", value, field_docs(cls).get(f.name, ""), "  ")
+        if value is None and (group := optional_group(cls, f)) is not None:
+            groups.append((f"{prefix}{f.name}", group, ", when set"))
+    for name, group, when in groups:
+        lines += ["", f"{name}{when}: {group.__name__} in {_where(group)}", *_section(group, f"{name}.")]
     return lines
 
 
