@@ -1,7 +1,8 @@
 """The chaos suite: the faults and bad inputs of a shared cluster, each against the real trainer in processes.
 
 Each test asserts the exit code, a message that names what is wrong, and that no checkpoint or metric record
-was lost. docs/reliability.md tabulates them.
+was lost. docs/reliability.md tabulates them. Where a process around the trainer would add only its start-up (a
+checkpoint that fails to load, pruning), trainer.main runs in this process, and one case of each also in a real one.
 """
 import os
 import random
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from tests.helpers import ROOT, TINY, metrics, run_trainer, trainer_command, trainer_env, wait_for
+from trainer.main import main
 
 pytestmark = pytest.mark.slow
 
@@ -74,34 +76,50 @@ def _corrupt(path, how, tmp_path):
         torch.save({"model": exploit}, path)
 
 
-@pytest.mark.parametrize("how", ["truncated", "zeroed", "nan_weights", "malicious"])
-def test_a_bad_latest_checkpoint_is_set_aside_and_the_previous_one_resumed(four_steps, tiny_data, tmp_path, how):
+def run_in_process(argv, capsys) -> tuple:
+    """(exit code, stdout, stderr) of trainer.main run in this process."""
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_in_a_process(argv) -> tuple:
+    result = run_trainer(1, *argv)
+    return result.returncode, result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("how, where", [("truncated", "in process"), ("zeroed", "in process"),
+                                        ("nan_weights", "in process"), ("malicious", "in a process")])
+def test_a_bad_latest_checkpoint_is_set_aside_and_the_previous_one_resumed(four_steps, tiny_data, tmp_path, how,
+                                                                          where, capsys):
     run_dir = copy_run(four_steps, tmp_path)
     bad = run_dir / "checkpoints" / "ckpt-000000004.pt"
     _corrupt(bad, how, tmp_path)
-    result = run_trainer(1, *args(tiny_data, run_dir, "train.max_steps=6", "checkpoint.every_steps=2"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"checkpoint {bad} is unreadable" in result.stderr and "resuming at step 2" in result.stdout
+    argv = args(tiny_data, run_dir, "train.max_steps=6", "checkpoint.every_steps=2")
+    code, out, err = run_in_process(argv, capsys) if where == "in process" else run_in_a_process(argv)
+    assert code == 0, err[-3000:]
+    assert f"checkpoint {bad} is unreadable" in err and "resuming at step 2" in out
     assert not (tmp_path / "pwned").exists()  # weights_only: the pickle's code never ran
     assert bad.with_name(bad.name + ".unreadable").is_file()  # kept for a look, never loaded or pruned
     assert train_steps(run_dir) == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 redone once, not duplicated
     assert latest(run_dir)["step"] == 6
 
 
-def test_pruning_keeps_the_checkpoint_just_written_when_a_newer_file_is_corrupt(four_steps, tiny_data, tmp_path):
+def test_pruning_keeps_the_checkpoint_just_written_when_a_newer_file_is_corrupt(four_steps, tiny_data, tmp_path,
+                                                                                capsys):
     # The issue's repro: a newer-numbered unreadable file used to outlive the checkpoint just written.
     run_dir = copy_run(four_steps, tmp_path)
     _corrupt(run_dir / "checkpoints" / "ckpt-000000004.pt", "truncated", tmp_path)
-    result = run_trainer(1, *args(tiny_data, run_dir, "train.max_steps=3", "checkpoint.every_steps=1",
-                                  "checkpoint.keep=1"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    code, _, err = run_in_process(args(tiny_data, run_dir, "train.max_steps=3", "checkpoint.every_steps=1",
+                                       "checkpoint.keep=1"), capsys)
+    assert code == 0, err[-3000:]
     assert checkpoint_steps(run_dir) == [3]
     assert latest(run_dir)["step"] == 3
     assert train_steps(run_dir) == [1, 2, 3]
     # and the next run resumes from it
-    result = run_trainer(1, *args(tiny_data, run_dir, "train.max_steps=5", "checkpoint.every_steps=1",
-                                  "checkpoint.keep=1"))
-    assert result.returncode == 0 and "resuming at step 3" in result.stdout
+    code, out, _ = run_in_process(args(tiny_data, run_dir, "train.max_steps=5", "checkpoint.every_steps=1",
+                                       "checkpoint.keep=1"), capsys)
+    assert code == 0 and "resuming at step 3" in out
 
 
 def test_a_run_whose_checkpoints_all_fail_to_load_is_refused_not_restarted(four_steps, tiny_data, tmp_path):
