@@ -50,6 +50,18 @@ def four_steps(tiny_data, tmp_path_factory):
     return run_dir
 
 
+def run_in_process(argv, capsys) -> tuple:
+    """(exit code, stdout, stderr) of trainer.main run in this process."""
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_in_a_process(argv) -> tuple:
+    result = run_trainer(1, *argv)
+    return result.returncode, result.stdout, result.stderr
+
+
 def copy_run(run_dir, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
@@ -74,18 +86,6 @@ def _corrupt(path, how, tmp_path):
         exploit = _Exploit()
         exploit.marker = tmp_path / "pwned"
         torch.save({"model": exploit}, path)
-
-
-def run_in_process(argv, capsys) -> tuple:
-    """(exit code, stdout, stderr) of trainer.main run in this process."""
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def run_in_a_process(argv) -> tuple:
-    result = run_trainer(1, *argv)
-    return result.returncode, result.stdout, result.stderr
 
 
 @pytest.mark.parametrize("how, where", [("truncated", "in process"), ("zeroed", "in process"),
@@ -122,14 +122,15 @@ def test_pruning_keeps_the_checkpoint_just_written_when_a_newer_file_is_corrupt(
     assert code == 0 and "resuming at step 3" in out
 
 
-def test_a_run_whose_checkpoints_all_fail_to_load_is_refused_not_restarted(four_steps, tiny_data, tmp_path):
+def test_a_run_whose_checkpoints_all_fail_to_load_is_refused_not_restarted(four_steps, tiny_data, tmp_path,
+                                                                           capsys):
     run_dir = copy_run(four_steps, tmp_path)
     for path in (run_dir / "checkpoints").glob("ckpt-*.pt"):
         _corrupt(path, "zeroed", tmp_path)
     records = (run_dir / "metrics.jsonl").read_text()
-    result = run_trainer(1, *args(tiny_data, run_dir, "train.max_steps=6"))
-    assert result.returncode == 1
-    assert "none of the 2 checkpoints" in result.stderr and str(run_dir / "checkpoints") in result.stderr
+    code, _, err = run_in_process(args(tiny_data, run_dir, "train.max_steps=6"), capsys)
+    assert code == 1
+    assert "none of the 2 checkpoints" in err and str(run_dir / "checkpoints") in err
     assert (run_dir / "metrics.jsonl").read_text() == records  # nothing truncated
     assert checkpoint_steps(run_dir) == [2, 4]  # nothing deleted or set aside
 
@@ -239,13 +240,13 @@ def test_a_second_job_on_a_busy_run_dir_is_refused_and_a_dead_ones_lock_is_not(t
     assert f"resuming at step {resume_at}" in third.stdout and f"done: step {resume_at + 3}" in third.stdout
 
 
-def test_a_resume_applies_a_new_lr_and_records_it(four_steps, tiny_data, tmp_path):
+def test_a_resume_applies_a_new_lr_and_records_it(four_steps, tiny_data, tmp_path, capsys):
     changed, unchanged = copy_run(four_steps, tmp_path / "changed"), copy_run(four_steps, tmp_path / "unchanged")
-    result = run_trainer(1, *args(tiny_data, changed, "train.max_steps=6", "checkpoint.every_steps=2",
-                                  "optim.lr=0.2"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming with optim.lr=0.2 (was 0.1): applied" in result.stdout
-    assert run_trainer(1, *args(tiny_data, unchanged, "train.max_steps=6", "checkpoint.every_steps=2")).returncode == 0
+    code, out, err = run_in_process(args(tiny_data, changed, "train.max_steps=6", "checkpoint.every_steps=2",
+                                         "optim.lr=0.2"), capsys)
+    assert code == 0, err[-3000:]
+    assert "resuming with optim.lr=0.2 (was 0.1): applied" in out
+    assert run_in_process(args(tiny_data, unchanged, "train.max_steps=6", "checkpoint.every_steps=2"), capsys)[0] == 0
     lr = {r["step"]: r["lr"] for r in metrics(changed, "train")}
     reference = {r["step"]: r["lr"] for r in metrics(unchanged, "train")}
     assert lr[4] == reference[4]
@@ -255,24 +256,25 @@ def test_a_resume_applies_a_new_lr_and_records_it(four_steps, tiny_data, tmp_pat
     assert '"step": 4' in history and '"optim.lr": [0.1, 0.2]' in history
 
 
-def test_a_resume_that_would_change_the_meaning_is_refused_and_not_recorded(four_steps, tiny_data, tmp_path):
+def test_a_resume_that_would_change_the_meaning_is_refused_and_not_recorded(four_steps, tiny_data, tmp_path,
+                                                                            capsys):
     run_dir = copy_run(four_steps, tmp_path)
     config = (run_dir / "config.yaml").read_text()
     records = (run_dir / "metrics.jsonl").read_text()
-    result = run_trainer(1, *args(tiny_data, run_dir, "train.max_steps=6", "checkpoint.every_steps=2",
-                                  "schedule.name=step", "train.label_smoothing=0.2"))
-    assert result.returncode == 2
-    assert "config error" in result.stderr and "schedule.name=cosine (now step)" in result.stderr
-    assert "train.label_smoothing=0.1 (now 0.2)" in result.stderr
+    code, _, err = run_in_process(args(tiny_data, run_dir, "train.max_steps=6", "checkpoint.every_steps=2",
+                                       "schedule.name=step", "train.label_smoothing=0.2"), capsys)
+    assert code == 2
+    assert "config error" in err and "schedule.name=cosine (now step)" in err
+    assert "train.label_smoothing=0.1 (now 0.2)" in err
     assert (run_dir / "config.yaml").read_text() == config and not (run_dir / "config_changes.jsonl").exists()
     assert (run_dir / "metrics.jsonl").read_text() == records and checkpoint_steps(run_dir) == [2, 4]
 
 
-def test_the_demo_dataset_is_not_generated_into_a_folder_of_other_files(tmp_path):
+def test_the_demo_dataset_is_not_generated_into_a_folder_of_other_files(tmp_path, capsys):
     root = tmp_path / "imagenet"
     root.mkdir()
     (root / "README").write_text("somebody's data")
-    result = run_trainer(1, *ONE, "data.demo=true", f"data.root={root}", f"run.dir={tmp_path / 'run'}")
-    assert result.returncode == 1
-    assert f"{root}: not empty and not made by make_demo_dataset (README)" in result.stderr
+    code, _, err = run_in_process([*ONE, "data.demo=true", f"data.root={root}", f"run.dir={tmp_path / 'run'}"], capsys)
+    assert code == 1
+    assert f"{root}: not empty and not made by make_demo_dataset (README)" in err
     assert [p.name for p in root.iterdir()] == ["README"]
