@@ -118,6 +118,15 @@ def trainer_command(nproc: int, *overrides: str) -> list:
     return module_command(nproc, "trainer.main", *overrides)
 
 
+def main_in_process(argv: list, capsys) -> tuple:
+    """(exit code, stdout, stderr) of trainer.main run in this process: what a process around it would add is
+    start-up, for the tests that check one process's outcome and messages."""
+    from trainer.main import main  # here, not at the top: most helpers' users never import the trainer
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def run_trainer(nproc: int, *overrides: str, timeout: float = 300,
                 env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(trainer_command(nproc, *overrides), cwd=ROOT, env=env or trainer_env(),

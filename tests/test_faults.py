@@ -14,8 +14,7 @@ import subprocess
 import pytest
 import torch
 
-from tests.helpers import ROOT, TINY, metrics, run_trainer, trainer_command, trainer_env, wait_for
-from trainer.main import main
+from tests.helpers import ROOT, TINY, main_in_process, metrics, run_trainer, trainer_command, trainer_env, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -48,13 +47,6 @@ def four_steps(tiny_data, tmp_path_factory):
     assert result.returncode == 0, result.stderr[-3000:]
     assert checkpoint_steps(run_dir) == [2, 4]
     return run_dir
-
-
-def run_in_process(argv, capsys) -> tuple:
-    """(exit code, stdout, stderr) of trainer.main run in this process."""
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def run_in_a_process(argv) -> tuple:
@@ -96,7 +88,7 @@ def test_a_bad_latest_checkpoint_is_set_aside_and_the_previous_one_resumed(four_
     bad = run_dir / "checkpoints" / "ckpt-000000004.pt"
     _corrupt(bad, how, tmp_path)
     argv = args(tiny_data, run_dir, "train.max_steps=6", "checkpoint.every_steps=2")
-    code, out, err = run_in_process(argv, capsys) if where == "in process" else run_in_a_process(argv)
+    code, out, err = main_in_process(argv, capsys) if where == "in process" else run_in_a_process(argv)
     assert code == 0, err[-3000:]
     assert f"checkpoint {bad} is unreadable" in err and "resuming at step 2" in out
     assert not (tmp_path / "pwned").exists()  # weights_only: the pickle's code never ran
@@ -110,14 +102,14 @@ def test_pruning_keeps_the_checkpoint_just_written_when_a_newer_file_is_corrupt(
     # The issue's repro: a newer-numbered unreadable file used to outlive the checkpoint just written.
     run_dir = copy_run(four_steps, tmp_path)
     _corrupt(run_dir / "checkpoints" / "ckpt-000000004.pt", "truncated", tmp_path)
-    code, _, err = run_in_process(args(tiny_data, run_dir, "train.max_steps=3", "checkpoint.every_steps=1",
+    code, _, err = main_in_process(args(tiny_data, run_dir, "train.max_steps=3", "checkpoint.every_steps=1",
                                        "checkpoint.keep=1"), capsys)
     assert code == 0, err[-3000:]
     assert checkpoint_steps(run_dir) == [3]
     assert latest(run_dir)["step"] == 3
     assert train_steps(run_dir) == [1, 2, 3]
     # and the next run resumes from it
-    code, out, _ = run_in_process(args(tiny_data, run_dir, "train.max_steps=5", "checkpoint.every_steps=1",
+    code, out, _ = main_in_process(args(tiny_data, run_dir, "train.max_steps=5", "checkpoint.every_steps=1",
                                        "checkpoint.keep=1"), capsys)
     assert code == 0 and "resuming at step 3" in out
 
@@ -128,7 +120,7 @@ def test_a_run_whose_checkpoints_all_fail_to_load_is_refused_not_restarted(four_
     for path in (run_dir / "checkpoints").glob("ckpt-*.pt"):
         _corrupt(path, "zeroed", tmp_path)
     records = (run_dir / "metrics.jsonl").read_text()
-    code, _, err = run_in_process(args(tiny_data, run_dir, "train.max_steps=6"), capsys)
+    code, _, err = main_in_process(args(tiny_data, run_dir, "train.max_steps=6"), capsys)
     assert code == 1
     assert "none of the 2 checkpoints" in err and str(run_dir / "checkpoints") in err
     assert (run_dir / "metrics.jsonl").read_text() == records  # nothing truncated
@@ -242,11 +234,11 @@ def test_a_second_job_on_a_busy_run_dir_is_refused_and_a_dead_ones_lock_is_not(t
 
 def test_a_resume_applies_a_new_lr_and_records_it(four_steps, tiny_data, tmp_path, capsys):
     changed, unchanged = copy_run(four_steps, tmp_path / "changed"), copy_run(four_steps, tmp_path / "unchanged")
-    code, out, err = run_in_process(args(tiny_data, changed, "train.max_steps=6", "checkpoint.every_steps=2",
+    code, out, err = main_in_process(args(tiny_data, changed, "train.max_steps=6", "checkpoint.every_steps=2",
                                          "optim.lr=0.2"), capsys)
     assert code == 0, err[-3000:]
     assert "resuming with optim.lr=0.2 (was 0.1): applied" in out
-    assert run_in_process(args(tiny_data, unchanged, "train.max_steps=6", "checkpoint.every_steps=2"), capsys)[0] == 0
+    assert main_in_process(args(tiny_data, unchanged, "train.max_steps=6", "checkpoint.every_steps=2"), capsys)[0] == 0
     lr = {r["step"]: r["lr"] for r in metrics(changed, "train")}
     reference = {r["step"]: r["lr"] for r in metrics(unchanged, "train")}
     assert lr[4] == reference[4]
@@ -261,7 +253,7 @@ def test_a_resume_that_would_change_the_meaning_is_refused_and_not_recorded(four
     run_dir = copy_run(four_steps, tmp_path)
     config = (run_dir / "config.yaml").read_text()
     records = (run_dir / "metrics.jsonl").read_text()
-    code, _, err = run_in_process(args(tiny_data, run_dir, "train.max_steps=6", "checkpoint.every_steps=2",
+    code, _, err = main_in_process(args(tiny_data, run_dir, "train.max_steps=6", "checkpoint.every_steps=2",
                                        "schedule.name=step", "train.label_smoothing=0.2"), capsys)
     assert code == 2
     assert "config error" in err and "schedule.name=cosine (now step)" in err
@@ -274,7 +266,7 @@ def test_the_demo_dataset_is_not_generated_into_a_folder_of_other_files(tmp_path
     root = tmp_path / "imagenet"
     root.mkdir()
     (root / "README").write_text("somebody's data")
-    code, _, err = run_in_process([*ONE, "data.demo=true", f"data.root={root}", f"run.dir={tmp_path / 'run'}"], capsys)
+    code, _, err = main_in_process([*ONE, "data.demo=true", f"data.root={root}", f"run.dir={tmp_path / 'run'}"], capsys)
     assert code == 1
     assert f"{root}: not empty and not made by make_demo_dataset (README)" in err
     assert [p.name for p in root.iterdir()] == ["README"]

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torchvision
 
-from tests.helpers import TINY, metrics, run_trainer
+from tests.helpers import TINY, main_in_process, metrics, run_trainer
 from trainer.checkpoint import Checkpointer
 from trainer.plot import main as plot_main
 
-pytestmark = pytest.mark.slow  # every test here trains in real processes
+pytestmark = pytest.mark.slow  # the run all read is a real process; the others run trainer.main in this one
 
 # One process at batch 8 sees the same 12 steps per epoch as two at batch 4.
 ONE_PROCESS = ["train.batch_size=8"]
@@ -52,12 +52,13 @@ def test_checkpoints_are_atomic_plain_and_torchvision_shaped(finished_run):
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 
 
-def test_rerun_of_a_finished_run_resumes_and_does_nothing(finished_run, tiny_data):
+def test_rerun_of_a_finished_run_resumes_and_does_nothing(finished_run, tiny_data, capsys):
     run_dir, _ = finished_run
     before = (run_dir / "metrics.jsonl").read_text()
-    result = run_trainer(1, *TINY, *ONE_PROCESS, f"data.root={tiny_data}", f"run.dir={run_dir}", "train.max_steps=14")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming at step 14" in result.stdout and "done: step 14" in result.stdout
+    code, out, err = main_in_process([*TINY, *ONE_PROCESS, f"data.root={tiny_data}", f"run.dir={run_dir}",
+                                      "train.max_steps=14"], capsys)
+    assert code == 0, err[-3000:]
+    assert "resuming at step 14" in out and "done: step 14" in out
     assert (run_dir / "metrics.jsonl").read_text() == before
 
 
@@ -74,11 +75,11 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(finished_run, tmp_
     assert path == ckpts.path_for(12) and state["step"] == 12
 
 
-def test_resnet18_checkpoint_loads_into_torchvision(tiny_data, tmp_path):
+def test_resnet18_checkpoint_loads_into_torchvision(tiny_data, tmp_path, capsys):
     run_dir = tmp_path / "r18"
-    result = run_trainer(1, *TINY, "model.name=resnet18", "model.num_classes=1000", f"data.root={tiny_data}",
-                         f"run.dir={run_dir}", "train.max_steps=1")
-    assert result.returncode == 0, result.stderr[-3000:]
+    code, _, err = main_in_process([*TINY, "model.name=resnet18", "model.num_classes=1000", f"data.root={tiny_data}",
+                                    f"run.dir={run_dir}", "train.max_steps=1"], capsys)
+    assert code == 0, err[-3000:]
     state = torch.load(run_dir / "checkpoints" / "ckpt-000000001.pt", weights_only=True)
     torchvision.models.resnet18().load_state_dict(state["model"])
 
@@ -91,7 +92,7 @@ def test_plot_draws_the_run(finished_run, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "classes_differ"])
-def test_bad_data_directory_is_named(case, tiny_data, tmp_path):
+def test_bad_data_directory_is_named(case, tiny_data, tmp_path, capsys):
     root = tmp_path / "data"
     if case == "empty":
         (root / "train").mkdir(parents=True)
@@ -99,34 +100,35 @@ def test_bad_data_directory_is_named(case, tiny_data, tmp_path):
     elif case == "classes_differ":
         shutil.copytree(tiny_data, root)
         shutil.rmtree(next((root / "val").iterdir()))
-    result = run_trainer(1, *TINY, f"data.root={root}", f"run.dir={tmp_path / 'run'}")
-    assert result.returncode == (2 if case == "missing" else 1)  # a missing root is caught before any work
-    assert "error" in result.stderr and str(root) in result.stderr
+    code, _, err = main_in_process([*TINY, f"data.root={root}", f"run.dir={tmp_path / 'run'}"], capsys)
+    assert code == (2 if case == "missing" else 1)  # a missing root is caught before any work
+    assert "error" in err and str(root) in err
     assert not list((tmp_path / "run" / "checkpoints").glob("ckpt-*"))
 
 
-def test_unwritable_run_dir_is_named(tiny_data, tmp_path):
+def test_unwritable_run_dir_is_named(tiny_data, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    result = run_trainer(1, *TINY, f"data.root={tiny_data}", f"run.dir={blocker / 'run'}")
-    assert result.returncode == 2 and f"run.dir: {blocker} is not a directory" in result.stderr
+    code, _, err = main_in_process([*TINY, f"data.root={tiny_data}", f"run.dir={blocker / 'run'}"], capsys)
+    assert code == 2 and f"run.dir: {blocker} is not a directory" in err
 
 
-def test_checkpoint_of_another_model_is_refused(finished_run, tiny_data, tmp_path):
+def test_checkpoint_of_another_model_is_refused(finished_run, tiny_data, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run[0], run_dir)
     config_before = (run_dir / "config.yaml").read_text()
-    result = run_trainer(1, *TINY, *ONE_PROCESS, "model.name=resnet32", f"data.root={tiny_data}", f"run.dir={run_dir}")
-    assert result.returncode == 2  # a config that contradicts the run's checkpoint is a config error
-    assert "model.name=resnet20" in result.stderr and "ckpt-000000014.pt" in result.stderr
+    code, _, err = main_in_process([*TINY, *ONE_PROCESS, "model.name=resnet32", f"data.root={tiny_data}",
+                                    f"run.dir={run_dir}"], capsys)
+    assert code == 2  # a config that contradicts the run's checkpoint is a config error
+    assert "model.name=resnet20" in err and "ckpt-000000014.pt" in err
     assert (run_dir / "config.yaml").read_text() == config_before  # the rejected config is not recorded
 
 
-def test_diverging_run_stops_without_a_nan_checkpoint(tiny_data, tmp_path):
+def test_diverging_run_stops_without_a_nan_checkpoint(tiny_data, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    result = run_trainer(1, *TINY, "optim.lr=1e30", "schedule.warmup_epochs=0", "train.max_nonfinite_steps=3",
-                         "checkpoint.every_steps=0", f"data.root={tiny_data}", f"run.dir={run_dir}")
-    assert result.returncode == 1 and "non-finite for 3 consecutive steps" in result.stderr
+    code, _, err = main_in_process([*TINY, "optim.lr=1e30", "schedule.warmup_epochs=0", "train.max_nonfinite_steps=3",
+                                    "checkpoint.every_steps=0", f"data.root={tiny_data}", f"run.dir={run_dir}"], capsys)
+    assert code == 1 and "non-finite for 3 consecutive steps" in err
     recs = metrics(run_dir, "train")
     assert recs[-1]["nonfinite_steps"] == 2  # the third stops the run before it is logged
     assert not list((run_dir / "checkpoints").glob("ckpt-*"))
