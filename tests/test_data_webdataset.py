@@ -15,7 +15,7 @@ from data.build import build_loader, merge_states
 from data.config import DataConfig
 from data.make_shards import make_shards, write_shard
 from data.webdataset import parse_label
-from tests.helpers import codes, make_coded, roundtrip, run, run_trainer
+from tests.helpers import codes, main_in_process, make_coded, roundtrip, run
 
 CPU = torch.device("cpu")
 
@@ -265,11 +265,11 @@ def test_config_errors_name_the_key():
         DataConfig(format="webdataset", file_list="x.txt")
 
 
-@pytest.mark.slow
-def test_the_trainer_exits_1_on_a_bad_shard_directory_and_2_on_a_bad_format(coded, tmp_path):
+def test_the_trainer_exits_1_on_a_bad_shard_directory_and_2_on_a_bad_format(coded, tmp_path, capsys):
     root, _ = coded
-    missing = run_trainer(1, "data.format=webdataset", f"data.root={root / 'images'}", f"run.dir={tmp_path / 'r'}",
-                          "monitor.wandb=false", timeout=300)
-    assert missing.returncode == 1 and "manifest.json does not exist" in missing.stderr, missing.stderr[-2000:]
-    bad = run_trainer(1, "data.format=tar", f"data.root={root / 'shards'}", f"run.dir={tmp_path / 'r'}", timeout=300)
-    assert bad.returncode == 2 and "data.format: got 'tar'" in bad.stderr
+    code, _, err = main_in_process(["data.format=webdataset", f"data.root={root / 'images'}",
+                                    f"run.dir={tmp_path / 'r'}", "monitor.wandb=false"], capsys)
+    assert code == 1 and "manifest.json does not exist" in err, err[-2000:]
+    code, _, err = main_in_process(["data.format=tar", f"data.root={root / 'shards'}", f"run.dir={tmp_path / 'r'}"],
+                                   capsys)
+    assert code == 2 and "data.format: got 'tar'" in err
