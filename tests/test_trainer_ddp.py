@@ -15,6 +15,7 @@ from tests.helpers import (
     TINY,
     final_checkpoint,
     last_train_step,
+    main_in_process,
     make_coded,
     metrics,
     module_command,
@@ -274,12 +275,11 @@ def test_a_one_rank_run_resumes_on_two_ranks_with_the_global_batch_kept(coded, t
     assert final_checkpoint(run_dir)["world_size"] == 2
 
 
-def test_a_global_batch_that_cannot_be_split_over_the_new_ranks_is_refused(coded, tmp_path):
+def test_a_global_batch_that_cannot_be_split_over_the_new_ranks_is_refused(coded, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    command, env = recording(1, coded, run_dir, tmp_path / "one", "train.batch_size=3")
-    first = subprocess.run([*command, "train.max_steps=1"], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=300, check=False)
-    assert first.returncode == 0, first.stderr[-3000:]
+    code, _, err = main_in_process([*TINY, "train.batch_size=3", "checkpoint.every_steps=2", f"data.root={coded}",
+                                    f"run.dir={run_dir}", "train.max_steps=1"], capsys)  # one rank, in this process
+    assert code == 0, err[-3000:]
     result = run_trainer(2, *TINY, "train.batch_size=3", f"data.root={coded}", f"run.dir={run_dir}")
     assert result.returncode != 0  # each worker exits 2; torchrun reports a failed worker as 1
     assert "config error (on rank 0): train.batch_size:" in result.stderr
