@@ -75,7 +75,7 @@ def assert_clean_stop(log, signal_name, checkpoint):
 
 @pytest.fixture(scope="module")
 def uninterrupted(slurm, tmp_path_factory, tiny_demo):
-    job_id, run_dir, log = submit(slurm, tmp_path_factory.mktemp("slurm_runs"), short_run(tiny_demo, epochs=3))
+    job_id, run_dir, log = submit(slurm, tmp_path_factory.mktemp("slurm_runs"), short_run(tiny_demo, epochs=2))
     job = wait_until_final(slurm, job_id, 300)
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), read(log)
     return run_dir
@@ -100,7 +100,7 @@ def test_demo_learns_across_two_nodes(slurm, tmp_path):
 
 
 def test_usr1_checkpoints_requeues_and_resumes_bitwise(slurm, tmp_path, tiny_demo, uninterrupted):
-    job_id, run_dir, log = submit(slurm, tmp_path, short_run(tiny_demo, epochs=3))
+    job_id, run_dir, log = submit(slurm, tmp_path, short_run(tiny_demo, epochs=2))
     # Past the step-4 checkpoint, mid-epoch: the stop must save its own checkpoint, not fall back to step 4.
     wait_for(lambda: last_train_step(run_dir) >= 6, 180, f"step 6 of job {job_id}")
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm.env(), check=True)
