@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from common.errors import ConfigError
-from tests.helpers import ROOT, trainer_env
+from tests.helpers import ROOT, main_in_process, trainer_env
 from trainer.config import Config, check_paths, load_config
 from trainer.main import main
 
@@ -99,12 +99,6 @@ def tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
-def run_main(argv, capsys) -> tuple:
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def assert_refused(code, err, *expected):
     assert code == 2, err
     assert "Traceback" not in err
@@ -116,7 +110,7 @@ def assert_refused(code, err, *expected):
 def test_bad_value_exits_2_naming_the_key(overrides, key, tmp, capsys):
     overrides = [o.replace("{tmp}", str(tmp)) for o in overrides.split()]
     before = tree(tmp)
-    code, out, err = run_main([*BASE, f"run.dir={tmp}/run", *overrides], capsys)
+    code, out, err = main_in_process([*BASE, f"run.dir={tmp}/run", *overrides], capsys)
     assert_refused(code, err, f"config error: {key}: ")
     assert tree(tmp) == before and out == ""
 
@@ -128,7 +122,7 @@ def test_bad_yaml_exits_2_naming_file_and_line(name, content, line, problem, tmp
         content = content.replace("{tmp}", str(tmp)).encode()
     config.write_bytes(content)
     before = tree(tmp)
-    code, out, err = run_main(["--config", str(config), *BASE, f"run.dir={tmp}/run"], capsys)
+    code, out, err = main_in_process(["--config", str(config), *BASE, f"run.dir={tmp}/run"], capsys)
     assert_refused(code, err, f"{config}:{line}:", problem)
     assert tree(tmp) == before and out == ""
 
@@ -179,7 +173,7 @@ def test_yaml_tags_run_no_code(tmp, capsys):
 def test_numbers_from_yaml_are_checked_too(tmp, capsys):
     config = tmp / "inf.yaml"
     config.write_text("optim:\n  lr: .inf\n")
-    code, _, err = run_main(["--config", str(config), f"run.dir={tmp}/run"], capsys)
+    code, _, err = main_in_process(["--config", str(config), f"run.dir={tmp}/run"], capsys)
     assert_refused(code, err, "config error: optim.lr: ")
 
 
@@ -201,14 +195,14 @@ def test_run_dir_without_write_permission(run_dir, tmp, capsys):
     locked = tmp / "locked"
     locked.mkdir(mode=0o555)
     before = tree(tmp)
-    code, _, err = run_main([*BASE, f"run.dir={tmp / run_dir}"], capsys)
+    code, _, err = main_in_process([*BASE, f"run.dir={tmp / run_dir}"], capsys)
     assert_refused(code, err, "config error: run.dir: ", str(locked))
     assert tree(tmp) == before
 
 
 def test_a_train_split_smaller_than_a_global_batch_exits_2(tmp, capsys):
     # Only the loader knows the split's size, so the run dir exists by then; no checkpoint may be written.
-    code, _, err = run_main([*BASE, f"run.dir={tmp}/run", "train.grad_accum=8"], capsys)
+    code, _, err = main_in_process([*BASE, f"run.dir={tmp}/run", "train.grad_accum=8"], capsys)
     assert_refused(code, err, "config error: train.batch_size: ", "smaller than one global batch")
     assert not list((tmp / "run").rglob("ckpt-*"))
 
@@ -248,7 +242,7 @@ def cli_case(content, overrides, tmp) -> list:
 def test_command_line_exits_2_without_traceback(content, overrides, expected, tmp, capsys):
     argv = cli_case(content, overrides, tmp)
     before = tree(tmp)
-    code, out, err = run_main(argv, capsys)
+    code, out, err = main_in_process(argv, capsys)
     assert_refused(code, err, expected.replace("{tmp}", str(tmp)))
     assert out == "" and tree(tmp) == before
     assert not (tmp / "pwned").exists()

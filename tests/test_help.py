@@ -49,15 +49,16 @@ def test_every_field_has_a_docstring():
     undocumented = []
 
     def walk(cls, prefix):
+        defaults = cls()
         for f in dataclasses.fields(cls):
-            value = getattr(cls(), f.name)
+            value = getattr(defaults, f.name)
             if dataclasses.is_dataclass(value):
                 walk(type(value), f"{prefix}{f.name}.")
                 continue
             if f.name not in field_docs(cls):
                 undocumented.append(prefix + f.name)
-            if value is None and optional_group(cls, f) is not None:
-                walk(optional_group(cls, f), f"{prefix}{f.name}.")
+            if value is None and (group := optional_group(cls, f)) is not None:
+                walk(group, f"{prefix}{f.name}.")
     walk(Config, "")
     assert not undocumented
 
