@@ -220,7 +220,7 @@ def test_num_classes_1001(name):
     "fields, key",
     [
         ({"name": "resnet51"}, "model.name"),
-        ({"shortcut": "D"}, "model.shortcut"),
+        ({"shortcut": "E"}, "model.shortcut"),
         ({"shortcut": "b"}, "model.shortcut"),
         ({"name": "plain34", "shortcut": "A"}, "model.shortcut"),
         ({"name": "plain34", "zero_init_residual": True}, "model.zero_init_residual"),
@@ -241,7 +241,7 @@ def test_model_config_errors_name_the_key(fields, key):
 def test_model_config_defaults_and_allowed_names():
     cfg = OmegaConf.to_object(OmegaConf.structured(ModelConfig))
     assert cfg == ModelConfig(name="resnet50", shortcut=None, stride_in_1x1=False, zero_init_residual=False,
-                              blurpool=False, num_classes=None)
+                              blurpool=False, deep_stem=False, num_classes=None)
     with pytest.raises(ConfigError, match="allowed: resnet18, resnet34"):
         ModelConfig(name="resnet51")
     ModelConfig(name="plain110", num_classes=10)
@@ -253,7 +253,7 @@ def test_model_config_defaults_and_allowed_names():
     [
         ("resnet51", {}, "name: got 'resnet51'"),
         ("resnet50", {"shortcutt": "B"}, "unknown model option.*shortcutt"),
-        ("resnet50", {"shortcut": "D"}, "shortcut: got 'D'"),
+        ("resnet50", {"shortcut": "E"}, "shortcut: got 'E'"),
         ("resnet50", {"num_classes": 0}, "num_classes: must be >= 1"),
     ],
 )
@@ -362,3 +362,49 @@ def test_blurpool_nets_train(name):
     loss = nn.functional.cross_entropy(model(input_for(name)), torch.tensor([1, 3]))
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+# timm's names for the Bag-of-Tricks variants (timm/models/resnet.py): -c the deep stem, -d with shortcut D too.
+TIMM_VARIANTS = [("resnet18", {"deep_stem": True, "shortcut": "D"}, "resnet18d"),
+                 ("resnet50", {"deep_stem": True, "shortcut": "D"}, "resnet50d"),
+                 ("resnet50", {"deep_stem": True}, "resnet50c"),
+                 ("resnet101", {"deep_stem": True, "shortcut": "D"}, "resnet101d")]
+
+
+@pytest.mark.parametrize("name, options, timm_name", TIMM_VARIANTS)
+def test_bag_of_tricks_variants_are_timms_nets_key_for_key_with_equal_outputs(name, options, timm_name):
+    timm = pytest.importorskip("timm", reason="timm is the test-time reference for the variants ([dev] extra)")
+    torch.manual_seed(0)
+    ours = build_model(name, num_classes=1000, **options).eval()
+    theirs = timm.create_model(timm_name, pretrained=False).eval()
+    assert count(ours) == count(theirs)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 67, 67)  # an odd side: the pool's ceil_mode and count_include_pad show
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+
+
+def test_shortcut_d_averages_every_pixel_the_strided_projection_skips():
+    torch.manual_seed(0)
+    option_b, option_d = (Bottleneck(64, 32, stride=2, shortcut=s).eval() for s in "BD")
+    pool, projection = option_d.downsample[0], option_d.downsample[1]
+    assert projection.stride == (1, 1)
+    x = torch.randn(1, 64, 8, 8)
+    shifted = x.clone()
+    shifted[:, :, 1, 1] += 1  # a pixel of the first 2x2 window that a stride-2 1x1 conv never reads
+    with torch.no_grad():
+        assert torch.equal(option_b.downsample(shifted), option_b.downsample(x))
+        assert not torch.equal(option_d.downsample(shifted), option_d.downsample(x))
+        assert torch.allclose(pool(x), nn.functional.avg_pool2d(x, 2))
+
+
+def test_deep_stem_is_three_3x3_convs_and_only_for_imagenet_nets():
+    model = build_model("resnet50", deep_stem=True)
+    convs = [m for m in model.conv1 if isinstance(m, nn.Conv2d)]
+    assert [(c.kernel_size, c.stride, c.out_channels) for c in convs] == [
+        ((3, 3), (2, 2), 32), ((3, 3), (1, 1), 32), ((3, 3), (1, 1), 64)]
+    with pytest.raises(ValueError, match="deep_stem"):
+        build_model("resnet20", deep_stem=True)
+    with pytest.raises(ConfigError, match="deep_stem"):
+        ModelConfig(name="resnet56", deep_stem=True)

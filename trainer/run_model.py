@@ -10,7 +10,7 @@ from common.errors import ConfigError
 from common.log import log
 from data.resolution import distinct_sides
 from trainer.distributed import Dist
-from trainer.models import build_model
+from trainer.models import build_model, model_options
 from trainer.rng import seed_everything
 
 
@@ -32,9 +32,7 @@ def build(cfg, num_data_classes: int, d: Dist) -> nn.Module:
     num_classes = mc.num_classes or num_data_classes
     if num_classes < num_data_classes:
         raise ConfigError("model.num_classes", f"{num_classes} is fewer than the dataset's {num_data_classes}")
-    model = build_model(mc.name, num_classes=num_classes, shortcut=mc.shortcut,
-                        stride_in_1x1=mc.stride_in_1x1, zero_init_residual=mc.zero_init_residual,
-                        blurpool=mc.blurpool)
+    model = build_model(mc.name, num_classes=num_classes, **model_options(mc))
     if cfg.train.sync_bn and d.world_size > 1:
         if d.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

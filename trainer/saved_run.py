@@ -9,7 +9,7 @@ from torch import nn
 
 from common.errors import UserInputError
 from trainer.config import Config, load_config
-from trainer.models import build_model
+from trainer.models import build_model, model_options
 from trainer.run_dir import CHECKPOINTS, POINTER, metrics_beside
 
 TORCHVISION_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -64,9 +64,7 @@ def num_classes_of(state: dict, cfg: Config) -> int:
 
 
 def builder_options(cfg: Config) -> dict:
-    mc = cfg.model
-    return dict(shortcut=mc.shortcut, stride_in_1x1=mc.stride_in_1x1, zero_init_residual=mc.zero_init_residual,
-                blurpool=mc.blurpool)
+    return model_options(cfg.model)
 
 
 def torchvision_compatible(cfg: Config) -> Optional[str]:
@@ -80,6 +78,8 @@ def torchvision_compatible(cfg: Config) -> Optional[str]:
         return f"torchvision's {mc.name} is v1.5 (stride in the 3x3 conv), this one has model.stride_in_1x1=true"
     if mc.blurpool:
         return f"torchvision's {mc.name} has no blur before its strided convs, this one has model.blurpool=true"
+    if mc.deep_stem:
+        return f"torchvision's {mc.name} has the 7x7 stem conv, this one the deep stem of model.deep_stem=true"
     return None
 
 

@@ -9,9 +9,9 @@ from data.config import MAX_CLASSES
 from trainer.models.blurpool import apply_blurpool
 from trainer.models.resnet import MODEL_NAMES, option_errors, resnet
 
-__all__ = ["MODEL_NAMES", "ModelConfig", "build_model"]
+__all__ = ["MODEL_NAMES", "ModelConfig", "build_model", "model_options"]
 
-OPTIONS = ("shortcut", "stride_in_1x1", "zero_init_residual", "blurpool")
+OPTIONS = ("shortcut", "stride_in_1x1", "zero_init_residual", "blurpool", "deep_stem")
 
 
 @dataclass
@@ -21,7 +21,11 @@ class ModelConfig:
     net without shortcuts."""
     shortcut: Optional[str] = None
     """Shortcut where the shape changes: A (zero-padded identity), B (1x1 projection), C (projection on every
-    block); null keeps the family default, B for ImageNet nets and A for CIFAR nets. Plain nets take null only."""
+    block), D (ResNet-D of He et al. 2019's Bag of Tricks: a 2x2 average pool, then a stride-1 1x1 projection);
+    null keeps the family default, B for ImageNet nets and A for CIFAR nets. Plain nets take null only."""
+    deep_stem: bool = False
+    """ResNet-C (Bag of Tricks): three 3x3 convs (32, 32, 64 filters) instead of the 7x7 stem conv; ImageNet nets
+    only. With shortcut=D it is timm's resnet50d, key for key."""
     stride_in_1x1: bool = False
     """Bottleneck nets: put the stride in the first 1x1 conv (v1, the paper and Keras) instead of the 3x3
     (v1.5, torchvision and NVIDIA)."""
@@ -45,7 +49,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.num_classes is not None and self.num_classes > MAX_CLASSES:
             raise ConfigError("model.num_classes", f"must be <= {MAX_CLASSES}, got {self.num_classes}")
-        errors = option_errors(self.name, self.shortcut, self.stride_in_1x1, self.zero_init_residual, self.num_classes)
+        errors = option_errors(self.name, self.shortcut, self.stride_in_1x1, self.zero_init_residual, self.num_classes,
+                               self.deep_stem)
         if errors:
             field, message = errors[0]
             raise ConfigError(f"model.{field}", message)
@@ -59,8 +64,14 @@ def build_model(name: str, num_classes: int = 1000, **options) -> nn.Module:
     shortcut = options.get("shortcut")
     stride_in_1x1 = bool(options.get("stride_in_1x1", False))
     zero_init_residual = bool(options.get("zero_init_residual", False))
-    errors = option_errors(name, shortcut, stride_in_1x1, zero_init_residual, num_classes)
+    deep_stem = bool(options.get("deep_stem", False))
+    errors = option_errors(name, shortcut, stride_in_1x1, zero_init_residual, num_classes, deep_stem)
     if errors:
         raise ValueError("; ".join(f"{field}: {message}" for field, message in errors))
-    model = resnet(name, num_classes, shortcut, stride_in_1x1, zero_init_residual)
+    model = resnet(name, num_classes, shortcut, stride_in_1x1, zero_init_residual, deep_stem)
     return apply_blurpool(model) if options.get("blurpool", False) else model
+
+
+def model_options(cfg: ModelConfig) -> dict:
+    """build_model's options as a run's config sets them: what the trainer, evaluate and export build alike."""
+    return {option: getattr(cfg, option) for option in OPTIONS}

@@ -4,6 +4,15 @@ Module and attribute names follow torchvision.models.resnet, so an ImageNet net 
 torchvision's state_dict keys and loads into torchvision.models.resnetXX() (and back) unchanged. The other options
 change only the shortcut entries: option A adds no `downsample` keys (it has no parameters), option C adds a
 `downsample.0/1` projection to every block, and plain nets have no `downsample` keys at all.
+
+Two of the variants of He et al., "Bag of Tricks for Image Classification with Convolutional Neural Networks"
+(CVPR 2019, section 4.1 and Figure 2), follow timm's names (timm/models/resnet.py), so that ResNet-C and ResNet-D
+together are timm's `resnet50d`, key for key:
+- ResNet-C, `deep_stem`: the 7x7 stem conv becomes three 3x3 convs (32, 32, 64 filters, the first with stride 2),
+  `conv1.0/1/3/4/6` (conv, BN, ReLU, conv, BN, ReLU, conv); the stem's last BN stays `bn1`.
+- ResNet-D, shortcut option D: where the shape changes, a 2x2 average pool with the block's stride, then the
+  stride-1 1x1 projection, `downsample.1/2` (`downsample.0` is the pool, or an identity at stride 1): the
+  strided 1x1 of option B reads only one pixel in four and ignores three quarters of its input.
 """
 from typing import List, Optional, Sequence, Type, Union
 
@@ -11,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SHORTCUTS = ("A", "B", "C")
+SHORTCUTS = ("A", "B", "C", "D")
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -44,6 +53,10 @@ def make_shortcut(option: str, in_channels: int, out_channels: int, stride: int)
     changes_shape = stride != 1 or in_channels != out_channels
     if option == "C" or (option == "B" and changes_shape):
         return nn.Sequential(conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels))
+    if option == "D" and changes_shape:
+        # timm's downsample_avg: ceil_mode keeps an odd side's last row, count_include_pad=False averages it alone.
+        pool = (nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False) if stride != 1 else nn.Identity())
+        return nn.Sequential(pool, conv1x1(in_channels, out_channels), nn.BatchNorm2d(out_channels))
     if option == "A" and changes_shape:
         return ZeroPadShortcut(in_channels, out_channels, stride)
     return None
@@ -115,6 +128,16 @@ class Bottleneck(nn.Module):
 Block = Type[Union[BasicBlock, Bottleneck]]
 
 
+def deep_stem_convs(out_channels: int) -> nn.Sequential:
+    """ResNet-C's stem before its last BN: three 3x3 convs, half the output filters in the first two (timm's
+    stem_width=32 for 64), as the 7x7 conv it replaces costs about as much."""
+    width = out_channels // 2
+    return nn.Sequential(
+        conv3x3(3, width, stride=2), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+        conv3x3(width, width), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+        conv3x3(width, out_channels))
+
+
 class ResNet(nn.Module):
     """A stem, stages of blocks (the first block of every stage after the first halves the map and doubles the
     filters), global average pooling and a fully connected classifier."""
@@ -128,11 +151,13 @@ class ResNet(nn.Module):
         shortcut: Optional[str],
         stride_in_1x1: bool = False,
         zero_init_residual: bool = False,
+        deep_stem: bool = False,
     ):
         super().__init__()
         if stem == "imagenet":
             widths = [64 * 2**i for i in range(len(depths))]
-            self.conv1 = nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
+            self.conv1 = (deep_stem_convs(widths[0]) if deep_stem else
+                          nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False))
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         else:
             # The paper's CIFAR-10 design keeps the 32x32 map in the stem: a 3x3 conv, no pooling.
@@ -203,14 +228,17 @@ def architecture(name: str):
 
 
 def option_errors(name: str, shortcut: Optional[str], stride_in_1x1: bool, zero_init_residual: bool,
-                  num_classes: Optional[int]) -> List[tuple]:
+                  num_classes: Optional[int], deep_stem: bool = False) -> List[tuple]:
     """(field, message) for every invalid choice; shared by build_model and ModelConfig so both say the same."""
     if name not in MODEL_NAMES:
         return [("name", f"got {name!r}; allowed: {', '.join(MODEL_NAMES)}")]
     errors = []
-    _, block, _, plain = architecture(name)
+    stem, block, _, plain = architecture(name)
     if shortcut is not None and shortcut not in SHORTCUTS:
-        errors.append(("shortcut", f"got {shortcut!r}; allowed: A, B, C, or null for the family default"))
+        errors.append(("shortcut", f"got {shortcut!r}; allowed: A, B, C, D, or null for the family default"))
+    if deep_stem and stem != "imagenet":
+        errors.append(("deep_stem", f"{name} has the CIFAR stem, a single 3x3 conv already; only the ImageNet nets "
+                                    "(18/34/50/101/152) take it"))
     if plain and shortcut is not None:
         errors.append(("shortcut", f"{name} is a plain net without shortcuts; leave it null"))
     if plain and zero_init_residual:
@@ -233,8 +261,9 @@ def default_shortcut(name: str) -> Optional[str]:
 
 
 def resnet(name: str, num_classes: int, shortcut: Optional[str], stride_in_1x1: bool,
-           zero_init_residual: bool) -> ResNet:
+           zero_init_residual: bool, deep_stem: bool = False) -> ResNet:
     stem, block, depths, plain = architecture(name)
     if shortcut is None:
         shortcut = default_shortcut(name)
-    return ResNet(block, depths, stem, num_classes, None if plain else shortcut, stride_in_1x1, zero_init_residual)
+    return ResNet(block, depths, stem, num_classes, None if plain else shortcut, stride_in_1x1, zero_init_residual,
+                  deep_stem)
