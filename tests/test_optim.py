@@ -349,3 +349,40 @@ def test_bad_triangular_values_name_the_key(overrides, key):
 def test_triangular_with_ffcvs_peak_loads():
     cfg = load_config(None, ["schedule.name=triangular", "schedule.warmup_epochs=0", "train.epochs=16"])
     assert (cfg.schedule.name, cfg.schedule.peak_epoch) == ("triangular", 2.0)
+
+
+@pytest.mark.parametrize("steps_per_epoch, epochs, peak_epoch", [(147, 5, 1.25), (10, 20, 6.0), (7, 3, 0.9)])
+def test_onecycle_is_torchs_one_cycle_lr(steps_per_epoch, epochs, peak_epoch):
+    total = steps_per_epoch * epochs
+    cfg = ScheduleConfig(name="onecycle", warmup_epochs=0, peak_epoch=peak_epoch)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.4, momentum=0.9)
+    reference = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.4, total_steps=total, cycle_momentum=False,
+                                                    pct_start=peak_epoch / epochs)
+    expected = []
+    for _ in range(total):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        reference.step()
+    ours = [0.4 * lr_factor(cfg, step, steps_per_epoch, total) for step in range(total)]
+    assert ours == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+def test_flat_cos_holds_then_anneals_to_zero_after_warmup():
+    cfg = ScheduleConfig(name="flat_cos", warmup_epochs=1, decay_start=0.5)
+    factors = [lr_factor(cfg, step, 10, 100) for step in range(100)]
+    assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert factors[10:51] == [1.0] * 41
+    assert factors[75] == pytest.approx(0.5)
+    assert all(a > b for a, b in zip(factors[50:], factors[51:]))
+    assert lr_factor(cfg, 100, 10, 100) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["schedule.name=onecycle", "schedule.warmup_epochs=1"], "schedule.warmup_epochs"),
+    (["schedule.name=onecycle", "schedule.warmup_epochs=0", "train.epochs=2"], "schedule.peak_epoch"),
+    (["schedule.name=flat_cos", "schedule.decay_start=1"], "schedule.decay_start"),
+])
+def test_short_run_schedules_refuse_what_cannot_be(overrides, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert e.value.key == key

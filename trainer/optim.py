@@ -12,9 +12,14 @@ from torch import nn
 from common.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "lars")
-SCHEDULES = ("cosine", "step", "poly", "constant", "triangular")
+SCHEDULES = ("cosine", "step", "poly", "constant", "triangular", "onecycle", "flat_cos")
 # FFCV's get_cyclic_lr starts its ramp at 1e-4 x the peak lr, not at 0.
 TRIANGULAR_START = 1e-4
+# torch's OneCycleLR and fast.ai's fit_one_cycle: from lr / div_factor (25) up to lr, then down to
+# lr / (div_factor x final_div_factor (1e4 in torch; fast.ai's div_final is 1e5)).
+ONECYCLE_START, ONECYCLE_END = 1 / 25, 1 / 25e4
+# Schedules whose rise from a low lr is their own warmup.
+RAMPED = ("triangular", "onecycle")
 
 
 @dataclass
@@ -64,9 +69,12 @@ class OptimConfig:
 class ScheduleConfig:
     name: str = "cosine"
     """Decay after warmup: cosine (to 0 at the last step), step (x gamma at each milestone), poly (polynomial, to
-    end_lr_factor at the last step; MLPerf's LARS schedule), constant, or triangular (FFCV's ResNet recipes:
-    linear from 1e-4 x the lr up to the lr at peak_epoch, then linear down to 0 at the end of train.epochs; the
-    ramp is its warmup, so it takes warmup_epochs=0)."""
+    end_lr_factor at the last step; MLPerf's LARS schedule), constant, triangular (FFCV's ResNet recipes:
+    linear from 1e-4 x the lr up to the lr at peak_epoch, then linear down to 0 at the end of train.epochs),
+    onecycle (Smith and Topin 2017 as torch's OneCycleLR and fast.ai's fit_one_cycle anneal it: a half cosine
+    from lr / 25 up to the lr at peak_epoch, then one down to lr / 25e4 at the end), or flat_cos (fast.ai's
+    fit_flat_cos: the lr held until decay_start of the run, then a half cosine to 0). triangular and onecycle
+    ramp up on their own, so they take warmup_epochs=0."""
     warmup_epochs: float = 5.0
     """Epochs of per-iteration linear warmup from 0 to the scaled lr."""
     milestones: List[int] = field(default_factory=lambda: [30, 60, 80])
@@ -78,8 +86,10 @@ class ScheduleConfig:
     end_lr_factor: float = 0.0
     """Poly decay: the lr reached at the end of the schedule, as a fraction of the scaled lr."""
     peak_epoch: float = 2.0
-    """Triangular: the epoch (fractional allowed) at which the lr peaks; in (0, train.epochs). FFCV's rn50 configs
-    use 2."""
+    """Triangular and onecycle: the epoch (fractional allowed) at which the lr peaks; in (0, train.epochs). FFCV's
+    rn50 configs use 2; torch's OneCycleLR puts it at 0.3 of the run, fast.ai's fit_one_cycle at 0.25."""
+    decay_start: float = 0.75
+    """flat_cos: the fraction of the run after which the lr decays (fast.ai's fit_flat_cos pct_start, 0.75)."""
 
     def __post_init__(self):
         if self.name not in SCHEDULES:
@@ -96,14 +106,16 @@ class ScheduleConfig:
             raise ConfigError("schedule.end_lr_factor", f"must be in [0, 1), got {self.end_lr_factor}")
         if not self.peak_epoch > 0:
             raise ConfigError("schedule.peak_epoch", f"must be positive, got {self.peak_epoch}")
-        if self.name == "triangular" and self.warmup_epochs > 0:
-            raise ConfigError("schedule.warmup_epochs", f"must be 0 with schedule.name=triangular, got "
+        if not 0 <= self.decay_start < 1:
+            raise ConfigError("schedule.decay_start", f"must be in [0, 1), got {self.decay_start}")
+        if self.name in RAMPED and self.warmup_epochs > 0:
+            raise ConfigError("schedule.warmup_epochs", f"must be 0 with schedule.name={self.name}, got "
                                                         f"{self.warmup_epochs}: its ramp up to schedule.peak_epoch "
                                                         f"is the warmup")
 
     def check_epochs(self, epochs: int) -> None:
         """What needs train.epochs, which this config does not hold: the root config calls it."""
-        if self.name == "triangular" and not self.peak_epoch < epochs:
+        if self.name in RAMPED and not self.peak_epoch < epochs:
             raise ConfigError("schedule.peak_epoch", f"must be below train.epochs={epochs} for the lr to come "
                                                      f"down again, got {self.peak_epoch}")
 
@@ -239,18 +251,32 @@ def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps:
         # that epoch's end points, which is the same wherever peak_epoch is a whole epoch.
         epochs = total_steps / steps_per_epoch
         return float(np.interp(step / steps_per_epoch, [0, cfg.peak_epoch, epochs], [TRIANGULAR_START, 1, 0]))
+    if cfg.name == "onecycle":
+        # torch's OneCycleLR's phases, which peak at step peak_epoch x steps_per_epoch - 1 (a float).
+        peak, last = cfg.peak_epoch * steps_per_epoch - 1, total_steps - 1
+        if step <= peak:
+            return _cosine_between(ONECYCLE_START, 1.0, step / peak)
+        return _cosine_between(1.0, ONECYCLE_END, min(1.0, (step - peak) / (last - peak)))
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     if step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     if cfg.name == "cosine":
         return 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.name == "flat_cos":
+        decay_start = max(warmup, round(cfg.decay_start * total_steps))
+        return _cosine_between(1.0, 0.0, max(0.0, (step - decay_start) / max(1, total_steps - decay_start)))
     if cfg.name == "poly":
         return cfg.end_lr_factor + (1 - cfg.end_lr_factor) * (1 - progress) ** cfg.power
     if cfg.name == "step":
         epoch = step / steps_per_epoch
         return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
     return 1.0
+
+
+def _cosine_between(start: float, end: float, progress: float) -> float:
+    """From `start` at progress 0 to `end` at 1 along a half cosine."""
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def build_scheduler(optimizer, cfg: ScheduleConfig, steps_per_epoch: int, total_steps: int):
