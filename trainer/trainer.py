@@ -28,6 +28,7 @@ from trainer.checkpoint import Checkpointer, PerRank
 from trainer.config import Config, loader_options, to_dict, to_yaml
 from trainer.distributed import Dist
 from trainer.evaluate import evaluate
+from trainer.mix import BatchMix
 from trainer.models.weights import init_from
 from trainer.monitor import Monitor, peak_memory_mb
 from trainer.nonfinite import NonFiniteGuard
@@ -108,6 +109,8 @@ class Trainer:
         if saved_split is None and cfg.model.init_from:
             self._init_weights()
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+        self.mix = (BatchMix(cfg.train.mixup_alpha, cfg.train.cutmix_alpha, self.raw_model.fc.out_features)
+                    if cfg.train.mixup_alpha or cfg.train.cutmix_alpha else None)
         self.optimizer = build_optimizer(self.raw_model, cfg.optim, scaled_lr(cfg.optim, self.global_batch))
         if d.is_main and (warning := large_batch_warning(cfg.optim, self.global_batch)):
             log.warning(warning)
@@ -315,10 +318,13 @@ class Trainer:
         loss_sum = correct = samples = 0
         self.guard.before_forward()
         for i, (images, labels) in enumerate(micro_batches):
+            targets = labels
+            if self.mix:
+                images, targets = self.mix(images, labels, derive_seed(self.cfg.seed, self.step, i, self.dist.rank))
             with self._gradient_sync(last=i == len(micro_batches) - 1):
                 with autocast(self.device, self.cfg.train.precision):
                     output = self.model(images)
-                    loss = self.criterion(output, labels)
+                    loss = self.criterion(output, targets)
                 self.scaler.scale(loss / len(micro_batches)).backward()
             loss_sum = loss_sum + loss.detach() * len(labels)
             correct = correct + correct_topk(output.detach(), labels, ks=(1,))[0]
