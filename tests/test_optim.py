@@ -386,3 +386,20 @@ def test_short_run_schedules_refuse_what_cannot_be(overrides, key):
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)
     assert e.value.key == key
+
+
+def test_adamw_decays_weights_only_decoupled_with_the_recipes_betas():
+    cfg = load_config(None, ["optim.name=adamw", "optim.weight_decay=0.05", "optim.momentum=0.9"]).optim
+    model = build_model("resnet20", num_classes=10)
+    optimizer = build_optimizer(model, cfg, lr=1e-3)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    decay, no_decay = optimizer.param_groups
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    assert decay["betas"] == (0.9, 0.99) and decay["eps"] == 1e-5 and decay["fused"]
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+
+
+def test_adamw_refuses_nesterov():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["optim.name=adamw", "optim.nesterov=true"])
+    assert e.value.key == "optim.nesterov"

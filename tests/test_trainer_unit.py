@@ -46,7 +46,7 @@ def test_a_step_is_forward_loss_backward_update(tmp_path):
 
 
 @pytest.mark.parametrize("precision, optimizer", [("fp32", "sgd"), ("bf16", "sgd"), ("fp16", "sgd"),
-                                                  ("fp32", "lars")])
+                                                  ("fp32", "lars"), ("fp32", "adamw"), ("bf16", "adamw")])
 def test_a_non_finite_step_leaves_the_model_as_it_was_and_is_counted(tmp_path, precision, optimizer):
     # fp16 trains with a GradScaler: its skipped steps count too (on the CPU here, as torch supports it).
     with make_trainer(tmp_path, f"train.precision={precision}", f"optim.name={optimizer}",
@@ -56,7 +56,8 @@ def test_a_non_finite_step_leaves_the_model_as_it_was_and_is_counted(tmp_path, p
         images, labels = next(batches)
         before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
         ema_before = {k: v.clone() for k, v in trainer.ema.state_dict().items()}
-        momentum_before = [s["momentum_buffer"].clone() for s in trainer.optimizer.state.values()]
+        # Momentum buffers; AdamW's moments and its step count.
+        optimizer_before = [{k: v.clone() for k, v in s.items()} for s in trainer.optimizer.state.values()]
         poisoned = images.clone()
         poisoned[0] = float("inf")
         trainer.train_step([(poisoned, labels)])
@@ -66,8 +67,8 @@ def test_a_non_finite_step_leaves_the_model_as_it_was_and_is_counted(tmp_path, p
             [k for k, v in before.items() if not torch.equal(after[k], v)][:3]
         # The averaged weights and buffers; the EMA's own call counter, n_averaged, does not enter the average.
         assert all(torch.equal(trainer.ema.state_dict()[k], v) for k, v in ema_before.items() if k != "n_averaged")
-        assert all(torch.equal(s["momentum_buffer"], m)
-                   for s, m in zip(trainer.optimizer.state.values(), momentum_before))
+        assert all(torch.equal(s[k], v) for s, saved in zip(trainer.optimizer.state.values(), optimizer_before)
+                   for k, v in saved.items())
         trainer.train_step([(images, labels)])  # a good step after it trains and resets the run of bad ones
         assert int(trainer.guard.skipped) == 0 and int(trainer.guard.consecutive) == 0
         assert not torch.equal(trainer.raw_model.state_dict()["fc.weight"], before["fc.weight"])
