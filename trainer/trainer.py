@@ -189,12 +189,12 @@ class Trainer:
             "trainer": self, "model": self.raw_model, "optimizer": self.optimizer, "scheduler": self.scheduler,
             "scaler": self.scaler if self.scaler.is_enabled() else None, "ema": self.ema, "nonfinite": self.guard,
             "loader": PerRank(loader.state_dict, lambda states: loader.load_state_dict(merge_states(states)), d),
-            "rng": PerRank(rng_state, self._restore_rng, d),
+            "rng": PerRank(lambda: rng_state(self.device), self._restore_rng, d),
         }
 
     def _restore_rng(self, states: list) -> None:
         if len(states) == self.dist.world_size:
-            set_rng_state(states[self.dist.rank])
+            set_rng_state(states[self.dist.rank], self.device, self.dist.rank)
         else:  # the saved ranks' streams have no counterpart on other ranks
             seed_everything(derive_seed(self.cfg.seed, self.step, self.dist.rank))
 
