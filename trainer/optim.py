@@ -264,7 +264,9 @@ class EMA(nn.Module):
 
     Unlike AveragedModel, an update never makes the host wait for the device: whether it is the first (which
     copies) is known on the host, and a step the `skipped` flag (a 0-dim device tensor, 1.0 for a skipped step)
-    marks leaves the average unchanged through the weight of the blend, not through a branch.
+    marks leaves the average unchanged through the weight of the blend, not through a branch. That weight stays on
+    the device, a Tensor operand of the foreach ops: _foreach_lerp_ has no Tensor-weight overload, and PyTorch's
+    argument parser reads a 0-dim weight with .item().
     """
 
     def __init__(self, model: nn.Module, decay: float, skipped: Optional[torch.Tensor] = None):
@@ -286,8 +288,12 @@ class EMA(nn.Module):
             self._started = True
         else:
             weight = 1 - self.decay if self.skipped is None else (1 - self.skipped) * (1 - self.decay)
+            # average += weight x (model - average): a lerp, spelled out for the Tensor weight.
             floats = [(e, c) for e, c in zip(ours, theirs) if e.is_floating_point()]
-            torch._foreach_lerp_([e for e, _ in floats], [c for _, c in floats], weight)
+            averages = [e for e, _ in floats]
+            steps = torch._foreach_sub([c for _, c in floats], averages)
+            torch._foreach_mul_(steps, weight)
+            torch._foreach_add_(averages, steps)
             for e, c in zip(ours, theirs):
                 if not e.is_floating_point():  # BN's num_batches_tracked
                     e.copy_(e + (c - e) * weight)
