@@ -128,8 +128,11 @@ class LARS(torch.optim.Optimizer):
     Training of Convolutional Networks", arXiv:1708.03888.
 
     `step()` never reads a tensor's value on the host (zero norms are handled with torch.where), so it does not
-    wait for the device.
+    wait for the device; under GradScaler (fp16) it takes the scaler's found_inf and scale over as fused SGD does,
+    instead of GradScaler reading found_inf with .item() to decide on the host.
     """
+
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False,
                  eta: float = 1e-3, epsilon: float = 0.0, lars_adapt: bool = True):
@@ -142,9 +145,12 @@ class LARS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Set by the trainer (trainer/nonfinite.py): 1.0 when this step's gradients are not finite. The step then
-        # changes nothing, decided on the device: the new values are computed and the old ones put back.
+        # Set by the trainer (trainer/nonfinite.py), or by GradScaler.step under fp16: 1.0 when this step's
+        # gradients are not finite. The step then changes nothing, decided on the device: the new values are
+        # computed and the old ones put back.
         found_inf = getattr(self, "found_inf", None)
+        # Set by GradScaler.step when the gradients come still scaled (no unscale_ first).
+        grad_scale = getattr(self, "grad_scale", None)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -157,6 +163,8 @@ class LARS(torch.optim.Optimizer):
             if found_inf is not None:
                 before = [t.clone() for t in params + buffers]
             grads = [p.grad for p in params]
+            if grad_scale is not None:
+                grads = torch._foreach_div(grads, grad_scale)
             lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
             # torch._foreach_*: a few kernels per group instead of several per tensor, as torch.optim's own
             # optimizers and clip_grad_norm_ do.
