@@ -367,7 +367,7 @@ class Trainer:
             "img_per_s_per_device": sums["samples"] / (elapsed * self.dist.world_size),
             "data_wait": sums["data_wait"] / (elapsed * self.dist.world_size), "data_wait_max": slowest_wait / elapsed,
             "step_time_s": elapsed / steps, "resolution": self.train_side(self.epoch),
-            "max_mem_mb": peak_memory_mb(self.device), "nonfinite_steps": int(self.guard.total)})
+            **peak_memory_mb(self.device), "nonfinite_steps": int(self.guard.total)})
 
     def validate(self) -> None:
         """Evaluates the model (and its EMA) on the val split and logs the result: the weights the checkpoint of
