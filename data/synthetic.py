@@ -16,15 +16,16 @@ def _images(count: int, seed: int, device: torch.device, dtype: torch.dtype, mem
 
 
 def _labels(num_classes: int, device: torch.device, *key: int, count: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(derive_seed(*key))
-    return torch.randint(num_classes, (count,), generator=generator).to(device)
+    """Drawn on the device: a copy from host memory would make the host wait for the GPU's stream."""
+    generator = torch.Generator(device).manual_seed(derive_seed(*key))
+    return torch.randint(num_classes, (count,), generator=generator, device=device)
 
 
 class SyntheticLoader(Loader):
     """One random image batch made once (per side, with data.resolution) and yielded every step, with labels
-    drawn per batch.
+    drawn once per epoch (and per evaluation), so that a step makes nothing: its labels are a view of the epoch's.
 
-    Labels come from a generator seeded by (seed, epoch, rank, batch), so a resumed loader yields the same ones.
+    Labels come from a generator seeded by (seed, rank, epoch), so a resumed loader yields the same ones.
     """
 
     backend = "synthetic"
@@ -50,14 +51,11 @@ class SyntheticLoader(Loader):
         return self._by_side[side]
 
     def _train_epoch(self, epoch: int, start: int) -> Iterator:
-        images, labels = self._images_of(self._side(epoch)), self._labels
-        return ((images, labels(epoch, step, count=len(images))) for step in range(start, len(self)))
+        images = self._images_of(self._side(epoch))
+        labels = self._labels(epoch, count=len(self) * len(images)).view(len(self), len(images))
+        return ((images, labels[step]) for step in range(start, len(self)))
 
     def _val_epoch(self) -> Iterator:
-        left = len(val_shard(self.num_samples, self.rank, self.world_size))
-        step = 0
-        while left > 0:
-            count = min(left, self.batch_size)
-            yield self._images_of(self._val_side)[:count], self._labels(-1, step, count=count)
-            left -= count
-            step += 1
+        labels = self._labels(-1, count=len(val_shard(self.num_samples, self.rank, self.world_size)))
+        for batch in labels.split(self.batch_size):
+            yield self._images_of(self._val_side)[:len(batch)], batch

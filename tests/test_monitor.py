@@ -90,7 +90,7 @@ def test_group_job_type_tags_epoch_and_the_max_summary(resumed_run):
     train = [r for r in rows if "train/loss" in r]
     assert [r["trainer/epoch"] for r in train] == pytest.approx([s / 12 for s in range(1, 7)])
     for key in ("train/top1", "train/lr", "perf/img_per_s", "perf/img_per_s_per_device", "perf/data_wait",
-                "perf/data_wait_max", "sys/max_mem_mb", "trainer/images_seen"):
+                "perf/data_wait_max", "sys/max_mem_mb", "sys/max_mem_allocated_mb", "trainer/images_seen"):
         assert key in train[0], key
     assert any("val/top1" in r for r in rows)
 

@@ -215,6 +215,35 @@ def test_lars_step_needs_no_host_sync():
     assert all(opt.state[p]["momentum_buffer"].device.type == "meta" for p in model.parameters())
 
 
+@pytest.mark.parametrize("unscaled_first", [True, False])
+def test_gradscaler_hands_lars_the_skip_and_the_scale(unscaled_first):
+    # GradScaler reads found_inf with .item() (a host sync, tests/test_sync_free.py) unless the optimizer takes
+    # found_inf, and the scale where the gradients come to it still scaled, over itself; LARS does.
+    model, reference = lars_model(), lars_model()
+    opt = build_optimizer(model, OptimConfig(name="lars"), lr=0.5)
+    reference_opt = build_optimizer(reference, OptimConfig(name="lars"), lr=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    images = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+    for step in range(2):
+        reference(images).pow(step + 1).sum().backward()
+        reference_opt.step()
+        reference_opt.zero_grad()
+        scaler.scale(model(images).pow(step + 1).sum()).backward()
+        if unscaled_first:
+            scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.scale(model(images * torch.inf).sum()).backward()
+    scaler.step(opt)  # skipped on the device
+    scaler.update()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert scaler.get_scale() == 512.0
+
+
 def test_lars_state_round_trips_through_a_checkpoint():
     model = lars_model()
     opt = build_optimizer(model, OptimConfig(name="lars"), lr=1.0)

@@ -31,7 +31,8 @@ def test_run_writes_config_metrics_classes_and_summary(finished_run, tiny_data):
     assert json.loads((run_dir / "classes.json").read_text()) == sorted(p.name for p in (tiny_data / "train").iterdir())
     train = metrics(run_dir, "train")
     assert [r["step"] for r in train] == list(range(1, 15))
-    assert {"loss", "top1", "lr", "img_per_s", "data_wait", "step_time_s", "max_mem_mb", "epoch"} <= set(train[0])
+    assert {"loss", "top1", "lr", "img_per_s", "data_wait", "step_time_s", "max_mem_mb", "max_mem_allocated_mb",
+            "epoch"} <= set(train[0])
     val = metrics(run_dir, "val")
     assert [r["step"] for r in val] == [12, 14]  # end of epoch 1, then the end of the run
     assert all(r["samples"] == 16 for r in val)  # 4 classes x 4 val images, each counted once

@@ -29,7 +29,8 @@ from trainer.optim import ScheduleConfig, lr_factor
 
 pytestmark = pytest.mark.slow  # every test here trains in real processes
 
-TIMING = {"img_per_s", "img_per_s_per_device", "data_wait", "data_wait_max", "step_time_s", "max_mem_mb"}
+TIMING = {"img_per_s", "img_per_s_per_device", "data_wait", "data_wait_max", "step_time_s", "max_mem_mb",
+          "max_mem_allocated_mb"}
 STEPS = 24  # 2 epochs x 12 steps
 
 

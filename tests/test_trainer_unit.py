@@ -125,6 +125,14 @@ def test_the_monitor_is_closed_when_training_diverges(tmp_path):
     assert records and all(r["split"] == "train" for r in records)
 
 
+def test_the_train_record_has_the_peak_memory_a_batch_is_sized_by_and_the_allocated_peak_beside_it(tmp_path):
+    with make_trainer(tmp_path, "train.max_steps=1") as trainer:
+        trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    (train,) = [r for r in records if r["split"] == "train"]
+    assert train["max_mem_mb"] >= train["max_mem_allocated_mb"] > 0  # on the CPU, both the peak resident set
+
+
 def test_a_train_split_smaller_than_a_global_batch_is_named(tmp_path):
     with pytest.raises(ConfigError, match="smaller than one global batch"):
         make_trainer(tmp_path, "train.grad_accum=16")

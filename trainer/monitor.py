@@ -16,7 +16,7 @@ from trainer.run_dir import METRICS, truncate_metrics
 
 # Which W&B panel section each local metric belongs to; anything unlisted goes under the split's own name.
 PANEL = {"img_per_s": "perf", "img_per_s_per_device": "perf", "data_wait": "perf", "data_wait_max": "perf",
-         "step_time_s": "perf", "max_mem_mb": "sys"}
+         "step_time_s": "perf", "max_mem_mb": "sys", "max_mem_allocated_mb": "sys"}
 # Summarised by their best value rather than the last one.
 SUMMARY_MAX = ("val/top1", "val/top5", "val_ema/top1", "val_ema/top5")
 IMAGES_SHOWN = 32
@@ -48,11 +48,22 @@ class MonitorConfig:
             raise ConfigError("monitor.every_steps", f"must be >= 1, got {self.every_steps}")
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """The most memory this process has held: the device's allocator on a GPU, the resident set on the CPU."""
+def peak_memory_mb(device: torch.device) -> dict:
+    """The most memory this process has held, in MiB: `max_mem_mb`, what a batch is sized by, and beside it
+    `max_mem_allocated_mb`, what tensors took of it. On the CPU both are the peak resident set.
+
+    On a GPU, max_mem_mb is the peak of torch's caching allocator's reserve (max_memory_reserved): blocks freed
+    but kept and fragmentation count, since no other allocation can use them. Left out, since torch's allocator
+    does not hand them out and DALI 2.4 reports nothing usable (Pipeline.executor_statistics is empty under its
+    default dynamic executor, and lists only operator outputs under the old one): DALI's device memory, i.e. the
+    mixed train decoder's device_memory_padding of 0.2 GB per data.num_threads thread (data/dali.py) and its
+    data.prefetch output batches, as well as the CUDA context and NCCL's buffers. nvidia-smi shows the sum.
+    """
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {"max_mem_mb": torch.cuda.max_memory_reserved(device) / 2**20,
+                "max_mem_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+    resident = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"max_mem_mb": resident, "max_mem_allocated_mb": resident}
 
 
 def default_group(run_dir: Path) -> str:

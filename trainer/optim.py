@@ -153,8 +153,11 @@ class LARS(torch.optim.Optimizer):
     Training of Convolutional Networks", arXiv:1708.03888.
 
     `step()` never reads a tensor's value on the host (zero norms are handled with torch.where), so it does not
-    wait for the device.
+    wait for the device; under GradScaler (fp16) it takes the scaler's found_inf and scale over as fused SGD does,
+    instead of GradScaler reading found_inf with .item() to decide on the host.
     """
+
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False,
                  eta: float = 1e-3, epsilon: float = 0.0, lars_adapt: bool = True):
@@ -167,9 +170,12 @@ class LARS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Set by the trainer (trainer/nonfinite.py): 1.0 when this step's gradients are not finite. The step then
-        # changes nothing, decided on the device: the new values are computed and the old ones put back.
+        # Set by the trainer (trainer/nonfinite.py), or by GradScaler.step under fp16: 1.0 when this step's
+        # gradients are not finite. The step then changes nothing, decided on the device: the new values are
+        # computed and the old ones put back.
         found_inf = getattr(self, "found_inf", None)
+        # Set by GradScaler.step when the gradients come still scaled (no unscale_ first).
+        grad_scale = getattr(self, "grad_scale", None)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -182,6 +188,8 @@ class LARS(torch.optim.Optimizer):
             if found_inf is not None:
                 before = [t.clone() for t in params + buffers]
             grads = [p.grad for p in params]
+            if grad_scale is not None:
+                grads = torch._foreach_div(grads, grad_scale)
             lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
             # torch._foreach_*: a few kernels per group instead of several per tensor, as torch.optim's own
             # optimizers and clip_grad_norm_ do.
@@ -310,7 +318,9 @@ class EMA(nn.Module):
 
     Unlike AveragedModel, an update never makes the host wait for the device: whether it is the first (which
     copies) is known on the host, and a step the `skipped` flag (a 0-dim device tensor, 1.0 for a skipped step)
-    marks leaves the average unchanged through the weight of the blend, not through a branch.
+    marks leaves the average unchanged through the weight of the blend, not through a branch. That weight stays on
+    the device, a Tensor operand of the foreach ops: _foreach_lerp_ has no Tensor-weight overload, and PyTorch's
+    argument parser reads a 0-dim weight with .item().
     """
 
     def __init__(self, model: nn.Module, decay: float, skipped: Optional[torch.Tensor] = None):
@@ -332,8 +342,12 @@ class EMA(nn.Module):
             self._started = True
         else:
             weight = 1 - self.decay if self.skipped is None else (1 - self.skipped) * (1 - self.decay)
+            # average += weight x (model - average): a lerp, spelled out for the Tensor weight.
             floats = [(e, c) for e, c in zip(ours, theirs) if e.is_floating_point()]
-            torch._foreach_lerp_([e for e, _ in floats], [c for _, c in floats], weight)
+            averages = [e for e, _ in floats]
+            steps = torch._foreach_sub([c for _, c in floats], averages)
+            torch._foreach_mul_(steps, weight)
+            torch._foreach_add_(averages, steps)
             for e, c in zip(ours, theirs):
                 if not e.is_floating_point():  # BN's num_batches_tracked
                     e.copy_(e + (c - e) * weight)

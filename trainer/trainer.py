@@ -192,12 +192,12 @@ class Trainer:
             "trainer": self, "model": self.raw_model, "optimizer": self.optimizer, "scheduler": self.scheduler,
             "scaler": self.scaler if self.scaler.is_enabled() else None, "ema": self.ema, "nonfinite": self.guard,
             "loader": PerRank(loader.state_dict, lambda states: loader.load_state_dict(merge_states(states)), d),
-            "rng": PerRank(rng_state, self._restore_rng, d),
+            "rng": PerRank(lambda: rng_state(self.device), self._restore_rng, d),
         }
 
     def _restore_rng(self, states: list) -> None:
         if len(states) == self.dist.world_size:
-            set_rng_state(states[self.dist.rank])
+            set_rng_state(states[self.dist.rank], self.device, self.dist.rank)
         else:  # the saved ranks' streams have no counterpart on other ranks
             seed_everything(derive_seed(self.cfg.seed, self.step, self.dist.rank))
 
@@ -373,7 +373,7 @@ class Trainer:
             "img_per_s_per_device": sums["samples"] / (elapsed * self.dist.world_size),
             "data_wait": sums["data_wait"] / (elapsed * self.dist.world_size), "data_wait_max": slowest_wait / elapsed,
             "step_time_s": elapsed / steps, "resolution": self.train_side(self.epoch),
-            "max_mem_mb": peak_memory_mb(self.device), "nonfinite_steps": int(self.guard.total)})
+            **peak_memory_mb(self.device), "nonfinite_steps": int(self.guard.total)})
 
     def validate(self) -> None:
         """Evaluates the model (and its EMA) on the val split and logs the result: the weights the checkpoint of
