@@ -71,6 +71,8 @@ SMALL = ["model.name=resnet20", "data.backend=synthetic", "data.num_classes=4", 
 CASES = [[f"optim.name={name}", f"schedule.name={schedule}"] for name, schedule in zip(cycle(OPTIMIZERS), SCHEDULES)]
 CASES += [[f"optim.name={name}", f"train.precision={precision}"]
           for name in OPTIMIZERS for precision in ("bf16", "fp16")]
+# Mixup and CutMix on the device: the draws are the host's, the box host integers.
+CASES += [["train.mixup_alpha=0.2"], ["train.cutmix_alpha=1.0"]]
 STEPS = 4
 
 
