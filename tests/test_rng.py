@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from common.errors import UserInputError
 from tests.helpers import roundtrip
+from trainer.distributed import gpu_index
 from trainer.rng import own_cuda_state, rng_state, set_rng_state
 
 CPU = torch.device("cpu")
@@ -56,3 +58,14 @@ def test_an_older_checkpoint_of_one_gpu_per_node_serves_any_node_shape():
 def test_an_older_checkpoint_without_device_states_is_an_error_not_an_index_error():
     with pytest.raises(ValueError, match="no CUDA generator state"):
         own_cuda_state([], rank=2)
+
+
+# The other half of a launcher that shows each process fewer GPUs: which one the process trains on.
+@pytest.mark.parametrize("local_rank, visible, expected", [(0, 8, 0), (5, 8, 5), (5, 1, 0), (0, 1, 0), (3, 4, 3)])
+def test_each_process_trains_on_its_local_rank_or_on_the_only_gpu_it_sees(local_rank, visible, expected):
+    assert gpu_index(local_rank, visible) == expected
+
+
+def test_more_local_ranks_than_visible_gpus_is_refused_naming_both():
+    with pytest.raises(UserInputError, match="LOCAL_RANK 5 but this process sees 4 GPUs"):
+        gpu_index(5, 4)

@@ -46,13 +46,25 @@ class Dist:
         return self.rank == 0
 
 
+def gpu_index(local_rank: int, visible: int) -> int:
+    """The GPU a process trains on: its local rank among the node's GPUs (torchrun), or the only one it sees
+    where the launcher gives each process its own (`srun --gpus-per-task=1`, a CUDA_VISIBLE_DEVICES per rank)."""
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise UserInputError(f"LOCAL_RANK {local_rank} but this process sees {visible} GPUs "
+                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most "
+                             f"{visible} processes per node, or show each process one GPU of its own")
+    return local_rank
+
+
 def init(cfg: DistributedConfig) -> Dist:
     """Joins the process group torchrun describes in RANK/LOCAL_RANK/WORLD_SIZE, or runs alone without them."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    device = torch.device("cuda", gpu_index(local_rank, torch.cuda.device_count())) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if world_size == 1:
