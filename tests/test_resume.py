@@ -61,7 +61,7 @@ def test_another_global_batch_is_refused(three_steps):
         make(three_steps, "train.batch_size=4")
 
 
-@pytest.mark.slow  # two short runs on DALI: about 15 s on 2 busy cores
+@pytest.mark.slow  # two short trainer runs on DALI: 2-12 s on 2 busy cores (test_data_dali has the fast check)
 def test_a_resume_with_channels_last_changed_reads_on_in_a_new_pipeline(tiny_data, tmp_path, capsys):
     # train.channels_last is how the model runs, so it may change on resume; it is also the layout DALI writes, and
     # a pipeline checkpoint restored into another pipeline is undefined behaviour (DALI's documentation).
