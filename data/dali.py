@@ -8,7 +8,10 @@ g // len, over this rank's slice of that epoch's global permutation (data/shardi
 across epoch boundaries. The pipeline is seeded from (seed, rank); its checkpoint (iteration + every RNG) and
 `base` are all that is needed to continue on the same ranks, mid-epoch or at an epoch's end. A checkpoint cannot
 be re-split over other ranks: a loader restored under another world size or batch size instead starts a pipeline
-at its global position, seeded from (seed, rank, position).
+at its global position, seeded from (seed, rank, position). Nor is it restored into a pipeline of another definition
+(DALI's documentation calls that undefined behaviour): the state records its pipeline's (`train_definition`), and a
+loader whose pipeline differs (decoding on the GPU now, another output layout, ...) or a state that records none
+starts a pipeline at its global position too, and says so.
 """
 import base64
 import os
@@ -21,11 +24,14 @@ from nvidia.dali import fn, math, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from common.errors import DataError
+from common.log import log
 from data.config import DataConfig
 from data.folder import ImageList
 from data.loader import Loader
 from data.sharding import derive_seed, train_batches, train_shard, val_shard
 
+# Goes up when this file changes the train pipeline's operators: a checkpoint of the previous graph is not restored.
+GRAPH_VERSION = 1
 # DALI has no bfloat16: such batches leave DALI as float32 and are cast by torch.
 _DALI_DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT}
 # The train decoder's nvJPEG and hardware-decoder buffers sized once for ImageNet's largest image, so that no later
@@ -58,8 +64,18 @@ def _pad_crop(images, jpegs, cfg: DataConfig):
                     out_of_bounds_policy="pad", fill_values=0)
 
 
+def _decoder(cfg: DataConfig, gpu: bool, train: bool) -> Dict[str, Any]:
+    if not gpu:
+        return {"device": "cpu"}
+    return {"device": "mixed", "hw_decoder_load": cfg.hw_decoder_load, **(_GPU_TRAIN_DECODER_BUFFERS if train else {})}
+
+
+def _normalize(cfg: DataConfig, channels_last: bool, dtype: torch.dtype) -> Dict[str, Any]:
+    return {"mean": list(cfg.mean), "std": list(cfg.std or [1.0, 1.0, 1.0]), "dtype": _DALI_DTYPES[dtype],
+            "output_layout": "HWC" if channels_last else "CHW"}
+
+
 def _train_crop(jpegs, cfg: DataConfig, decoder: dict, side):
-    decoder = {**decoder, **(_GPU_TRAIN_DECODER_BUFFERS if decoder["device"] == "mixed" else {})}
     if cfg.train_crop == "pad_crop":
         return _pad_crop(fn.decoders.image(jpegs, output_type=types.RGB, **decoder), jpegs, cfg)
     # Decodes only the sampled window (RandomResizedCrop's area/aspect draw), not the whole JPEG.
@@ -73,7 +89,7 @@ def preprocess(jpegs, cfg: DataConfig, train: bool, gpu: bool, channels_last: bo
     """Encoded images to normalized crops, whatever reader produced them; `gpu` switches the decoder to `mixed`.
     `sides`: the train crop's side per sample (data.resolution), an input of the pipeline, so that one pipeline
     serves every side; None is data.image_size."""
-    decoder = {"device": "mixed", "hw_decoder_load": cfg.hw_decoder_load} if gpu else {"device": "cpu"}
+    decoder = _decoder(cfg, gpu, train)
     size = cfg.val_crop
     if train:
         images = _train_crop(jpegs, cfg, decoder, cfg.image_size if sides is None else sides)
@@ -93,10 +109,34 @@ def preprocess(jpegs, cfg: DataConfig, train: bool, gpu: bool, channels_last: bo
             interp_type=types.INTERP_LINEAR, crop=(size, size), crop_pos_x=_centre(out_width, size),
             crop_pos_y=_centre(out_height, size))
         mirror = 0
-    return fn.crop_mirror_normalize(
-        images, mirror=mirror, mean=cfg.mean, std=cfg.std or [1.0, 1.0, 1.0],
-        dtype=_DALI_DTYPES[dtype], output_layout="HWC" if channels_last else "CHW",
-    )
+    return fn.crop_mirror_normalize(images, mirror=mirror, **_normalize(cfg, channels_last, dtype))
+
+
+def train_definition(cfg: DataConfig, gpu: bool, channels_last: bool, dtype: torch.dtype) -> Dict[str, Any]:
+    """What `preprocess` makes of the train images, as the arguments of its operators: with the reader's, what
+    defines a train pipeline, which a pipeline checkpoint is only restored into. Flat, plain values (saved in a
+    loader state); the side is an input of the pipeline with data.resolution."""
+    if cfg.train_crop == "pad_crop":
+        crop = {"train_crop": "pad_crop", "pad": cfg.pad}
+    else:
+        crop = {"train_crop": "random_resized", "crop_area": list(cfg.crop_area),
+                "crop_aspect": list(cfg.crop_aspect), "antialias": cfg.train_antialias}
+    normalize = _normalize(cfg, channels_last, dtype)
+    return {**{f"decoder.{k}": v for k, v in _decoder(cfg, gpu, True).items()}, **crop,
+            "side": "per sample" if cfg.resolution is not None else cfg.image_size,
+            **normalize, "dtype": normalize["dtype"].name}
+
+
+def pipeline_change(saved: Optional[Dict[str, Any]], current: Dict[str, Any]) -> Optional[str]:
+    """What differs between the pipeline a loader state recorded (None: one saved before states recorded it) and
+    this loader's, in words; None when they are the same, and only then may its checkpoint be restored."""
+    if saved is None:
+        return "the loader state does not record its DALI pipeline (it was saved by an earlier version)"
+    keys = [k for k in {**saved, **current} if saved.get(k) != current.get(k)]
+    if not keys:
+        return None
+    listed = ", ".join(f"{k} {saved.get(k)!r} (now {current.get(k)!r})" for k in keys)
+    return f"the DALI train pipeline differs from the one the loader state was saved with: {listed}"
 
 
 @pipeline_def
@@ -210,6 +250,8 @@ class DaliLoader(Loader):
         self._train: Optional[DALIGenericIterator] = None
         self._base = 0  # the global batch the train pipeline's iteration 0 reads
         self._restore: Optional[bytes] = None  # a checkpoint to build the train pipeline from
+        self._definition = {"graph": GRAPH_VERSION, "mmap": cfg.mmap,
+                            **train_definition(cfg, self._gpu, channels_last, dtype)}
         self._val: Optional[DALIGenericIterator] = None
         self._val_pass_open = False
 
@@ -266,13 +308,20 @@ class DaliLoader(Loader):
         if raw is None:  # not iterated yet, or restored under another split since: there is only the position
             return {}
         return {"dali_checkpoints": {str(self.rank): base64.b64encode(raw).decode("ascii")},
-                "dali_base": self._base}
+                "dali_base": self._base, "dali_pipeline": self._definition}
 
     def _load_extra_state(self, state: Dict[str, Any]):
         # Without dali_base: no checkpoint (see _extra_state), or one of a per-epoch pipeline over
         # fn.readers.file (before this loader kept its pipelines), which this pipeline cannot restore. The
-        # pipeline then starts afresh at the position: the same samples, other augmentation draws.
+        # pipeline then starts afresh at the position: the same samples, other augmentation draws. So it does
+        # when the checkpoint is another pipeline's.
         if "dali_base" not in state:
+            return
+        change = pipeline_change(state.get("dali_pipeline"), self._definition)
+        if change:
+            log.info(f"{change}: its checkpoint is not restored into this one; a new pipeline reads on from the "
+                     f"saved position (epoch {self._epoch}, batch {self._done}), each remaining image once, with "
+                     f"other augmentation draws than an uninterrupted run (exact in coverage, not bitwise)")
             return
         self._restore = rank_checkpoint(state, self.rank)
         self._base = state["dali_base"]

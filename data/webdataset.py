@@ -10,8 +10,9 @@ apart in a slice never meet in one batch. (DALI's shuffle_after_epoch reorders t
 rank's slice where it is, so with fewer tar files than ranks a rank would read the same samples every epoch.)
 
 The pipeline's checkpoint (reader position, shuffle buffer, every RNG) continues an epoch bitwise on the same world
-size and batch size. It cannot be re-split over other ranks: mid-epoch such a resume is refused; at an epoch's
-start the new ranks start a fresh reader seeded from (seed, rank, epoch), exact in coverage.
+size and batch size. It cannot be re-split over other ranks, nor restored into a pipeline of another definition
+(data.dali's `train_definition`: decoding on the GPU now, another output layout, ...): mid-epoch such a resume is
+refused; at an epoch's start the new ranks start a fresh reader seeded from (seed, rank, epoch), exact in coverage.
 """
 import base64
 import math
@@ -25,8 +26,9 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from common.errors import DataError
+from common.log import log
 from data.config import DataConfig
-from data.dali import _to_torch, preprocess, rank_checkpoint
+from data.dali import GRAPH_VERSION, _to_torch, pipeline_change, preprocess, rank_checkpoint, train_definition
 from data.loader import Loader
 from data.shard_format import LABEL_EXT, SplitShards, index_sample
 from data.sharding import derive_seed
@@ -159,6 +161,8 @@ class WebDatasetLoader(Loader):
         # one more than the len(self) batches every rank yields.
         self._reader_batches = math.ceil(math.ceil(self.num_samples / world_size) / batch_size)
         self._restore = None
+        self._definition = {"graph": GRAPH_VERSION, "mmap": cfg.mmap, "shuffle_buffer": cfg.shuffle_buffer,
+                            **train_definition(cfg, self._gpu, channels_last, dtype)}
         # The epoch the reader started at (0, or where a resume on another split began a fresh one): its seed.
         self._first_epoch = 0
         # Built now, not at the first batch: DALI reads every index here, so a bad shard fails build_loader on every
@@ -229,7 +233,7 @@ class WebDatasetLoader(Loader):
         if raw is None:  # a fresh reader starts at this epoch: (seed, rank, epoch) is all there is to it
             return {}
         return {"dali_checkpoints": {str(self.rank): base64.b64encode(raw).decode("ascii")},
-                "webdataset_first_epoch": self._first_epoch}
+                "webdataset_first_epoch": self._first_epoch, "dali_pipeline": self._definition}
 
     def _load_extra_state(self, state: Dict[str, Any]):
         if "dali_checkpoints" not in state:  # see _extra_state
@@ -237,5 +241,19 @@ class WebDatasetLoader(Loader):
                 raise DataError(f"the loader state is {self._done} batches into epoch {self._epoch} but holds no "
                                 f"reader checkpoint: a fresh reader would not read the rest of that epoch")
             return
+        change = pipeline_change(state.get("dali_pipeline"), self._definition)
+        if change and not self._done:
+            log.info(f"{change}: its checkpoint is not restored into this one; a new reader starts epoch "
+                     f"{self._epoch}, each image of it read once (exact in coverage, not bitwise)")
+            return
+        if change and "dali_pipeline" in state:
+            raise DataError(f"{change}. The reader's checkpoint cannot be restored into another pipeline, and a new "
+                            f"reader cannot read the rest of epoch {self._epoch} from batch {self._done}: resume with "
+                            f"what the pipeline was saved with, or from a checkpoint at an epoch's end (one is saved "
+                            f"at every epoch's end)")
+        if change:
+            # A new reader would lose the rest of the epoch: restored as before states recorded their pipeline.
+            log.warning(f"{change}: it is restored mid-epoch on trust; if the pipeline has changed since (GPU "
+                        f"decoding, train.channels_last), resume from a checkpoint at an epoch's end instead")
         self._restore = rank_checkpoint(state, self.rank)
         self._first_epoch = state["webdataset_first_epoch"]

@@ -290,6 +290,36 @@ def test_a_state_of_the_per_epoch_pipelines_resumes_at_its_position(coded):
     assert [codes(images) for images, _ in run(resumed, 4)] == expected[2:]
 
 
+def another_pipelines_state(state, change):
+    """`state` as a loader of another pipeline would have saved it; "unrecorded": saved before loader states
+    recorded their pipeline."""
+    if change == "unrecorded":
+        del state["dali_pipeline"]
+    elif change == "decoder":  # a run started on CPUs, resumed on a GPU: nvJPEG and the hardware decoder
+        assert state["dali_pipeline"]["decoder.device"] == "cpu"
+        state["dali_pipeline"] = {**state["dali_pipeline"], "decoder.device": "mixed", "decoder.hw_decoder_load": 0.65}
+    return state
+
+
+@pytest.mark.parametrize("change", ["channels_last", "decoder", "unrecorded"])
+def test_a_state_of_another_pipeline_is_not_restored_into_this_one_but_read_on_from_its_position(smooth, change):
+    # DALI's checkpointing documentation: restoring a checkpoint into a pipeline of another definition is undefined
+    # behaviour. train.channels_last (the output layout) may change on resume, and a CPU run may resume on a GPU.
+    expected = run(loader(smooth, **RESUME), 6)
+    first = loader(smooth, **RESUME)
+    run(first, 2)
+    state = another_pipelines_state(roundtrip(first.state_dict()), change)
+    channels_last = change == "channels_last"
+    resumed = loader(smooth, channels_last=channels_last, **RESUME)
+    resumed.load_state_dict(state)
+    fresh = loader(smooth, channels_last=channels_last, **RESUME)  # a new pipeline at the saved position
+    fresh.load_state_dict({k: v for k, v in state.items() if not k.startswith("dali_")})
+    rest = run(resumed, 4)
+    assert_same(rest, run(fresh, 4))
+    assert [y.tolist() for _, y in rest] == [y.tolist() for _, y in expected[2:]]  # the same samples, in order
+    assert not all(torch.equal(x, ex) for (x, _), (ex, _) in zip(rest, expected[2:]))  # other augmentation draws
+
+
 def test_a_re_split_loader_saved_again_resumes_bitwise_across_the_epoch_end(smooth):
     # 24 images: 2 ranks x batch 2 read 1 batch; 1 rank x batch 4 goes on from global batch 1 of 6.
     first = [loader(smooth, rank=r, world_size=2, batch_size=2) for r in range(2)]

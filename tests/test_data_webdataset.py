@@ -31,9 +31,10 @@ def coded(tmp_path_factory):
     return root, index
 
 
-def loader(root, split="train", batch_size=4, rank=0, world_size=1, seed=0, **overrides):
+def loader(root, split="train", batch_size=4, rank=0, world_size=1, seed=0, channels_last=False, **overrides):
     cfg = DataConfig(root=str(root), format="webdataset", image_size=32, val_resize=36, num_threads=2, **overrides)
-    return build_loader(cfg, split, batch_size=batch_size, rank=rank, world_size=world_size, device=CPU, seed=seed)
+    return build_loader(cfg, split, batch_size=batch_size, rank=rank, world_size=world_size, device=CPU, seed=seed,
+                        channels_last=channels_last)
 
 
 def samples(batches) -> list:
@@ -138,6 +139,31 @@ def test_resume_on_another_world_size_is_refused_mid_epoch_and_covers_the_epoch_
     alone.load_state_dict(roundtrip(merge_states([s.state_dict() for s in ranks])))
     assert alone.state_dict()["epoch"] == 1
     assert len(set(samples(alone))) == 24
+
+
+def test_a_state_of_another_pipeline_starts_a_new_reader_at_an_epoch_start_and_is_refused_mid_epoch(coded):
+    # DALI's checkpointing documentation: restoring a checkpoint into a pipeline of another definition is undefined
+    # behaviour. train.channels_last (the output layout) may change on resume.
+    root, _ = coded
+    first = loader(root / "shards", **OPTIONS)
+    run(first, 1)
+    with pytest.raises(DataError, match=r"output_layout 'CHW' \(now 'HWC'\).*from a checkpoint at an epoch's end"):
+        loader(root / "shards", channels_last=True, **OPTIONS).load_state_dict(roundtrip(first.state_dict()))
+    # A state saved before states recorded their pipeline: a new reader would lose the rest of the epoch, so it is
+    # restored, as it was then.
+    unrecorded = roundtrip(first.state_dict())
+    del unrecorded["dali_pipeline"]
+    trusted = loader(root / "shards", **OPTIONS)
+    trusted.load_state_dict(unrecorded)
+    for (x, y), (ex, ey) in zip(run(trusted, 1), run(first, 1)):  # to the end of epoch 0
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+    state = roundtrip(first.state_dict())
+    resumed = loader(root / "shards", channels_last=True, **OPTIONS)
+    resumed.load_state_dict(state)
+    fresh = loader(root / "shards", channels_last=True, **OPTIONS)  # a new reader at epoch 1
+    fresh.load_state_dict({k: v for k, v in state.items() if k not in ("dali_checkpoints", "dali_pipeline")})
+    for (x, y), (ex, ey) in zip(run(resumed, 4), run(fresh, 4)):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
 
 
 def test_resume_needs_this_ranks_checkpoint(coded):

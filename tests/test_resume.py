@@ -1,9 +1,11 @@
 """A resume may split the same global batch differently (per-rank batch, accumulation): the split chosen for another
 world size, and the trainer in process on synthetic data. Real processes on another world size are in
-test_trainer_ddp.py."""
+test_trainer_ddp.py. A resume may change the layout DALI writes (train.channels_last): the trainer in process on
+DALI."""
 import pytest
 
 from common.errors import ConfigError
+from tests.helpers import TINY, final_checkpoint, main_in_process
 from tests.test_trainer_unit import ALONE, SMALL
 from trainer.config import load_config
 from trainer.resume import keep_global_batch
@@ -57,3 +59,19 @@ def test_the_same_global_batch_split_otherwise_continues_at_the_same_sample(thre
 def test_another_global_batch_is_refused(three_steps):
     with pytest.raises(ConfigError, match=r"train.batch_size: .* train.batch_size=8 \(now 4\)"):
         make(three_steps, "train.batch_size=4")
+
+
+@pytest.mark.slow  # two short trainer runs on DALI: 2-12 s on 2 busy cores (test_data_dali has the fast check)
+def test_a_resume_with_channels_last_changed_reads_on_in_a_new_pipeline(tiny_data, tmp_path, capsys):
+    # train.channels_last is how the model runs, so it may change on resume; it is also the layout DALI writes, and
+    # a pipeline checkpoint restored into another pipeline is undefined behaviour (DALI's documentation).
+    args = [*TINY, f"data.root={tiny_data}", f"run.dir={tmp_path / 'run'}"]
+    code, _, err = main_in_process([*args, "train.channels_last=false", "train.max_steps=3"], capsys)
+    assert code == 0, err[-3000:]
+    code, out, err = main_in_process([*args, "train.channels_last=true", "train.max_steps=4"], capsys)
+    assert code == 0, err[-3000:]
+    assert "resuming with train.channels_last=True (was False): applied" in out
+    assert ("output_layout 'CHW' (now 'HWC'): its checkpoint is not restored into this one; a new pipeline reads on "
+            "from the saved position (epoch 0, batch 3)") in out
+    loader = final_checkpoint(tmp_path / "run")["loader"][0]
+    assert (loader["batches_done"], loader["dali_pipeline"]["output_layout"]) == (4, "HWC")

@@ -1,10 +1,14 @@
-"""Real 2-process DDP runs (torchrun, gloo, DALI CPU): exact resume after SIGKILL, exact evaluation, signals."""
+"""Real 2-process DDP runs (torchrun, gloo, DALI CPU): exact resume after SIGKILL (of the job, or of its torchrun agent
+alone), exact evaluation, signals."""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
+import time
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,7 +54,8 @@ def wait_for_step(proc, run_dir, step, deadline_s=240):
 
 def kill_job(proc):
     """SIGKILL to the workers and their torchrun agent, as a node loss would: torchrun starts each worker in a
-    session of its own, so killing the agent's process group alone leaves the workers training on."""
+    session of its own, so killing the agent's process group alone would let them save and stop (they follow their
+    agent), not lose what they did since the last checkpoint."""
     for pid in worker_pids(proc.pid).values():
         os.kill(pid, signal.SIGKILL)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -104,7 +109,11 @@ def kill_mid_epoch_and_resume_bitwise(whole_dir, overrides, run_dir):
                             check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming at step" in result.stdout
+    assert_ends_as(whole_dir, run_dir, killed_at)
 
+
+def assert_ends_as(whole_dir, run_dir, killed_at):
+    """The run in run_dir, killed after step `killed_at` and resumed, ended as the uninterrupted one did, bitwise."""
     whole, resumed = final_state(whole_dir), final_state(run_dir)
     for part in ("model", "optimizer"):
         flat_whole = torch.utils._pytree.tree_flatten(whole[part])[0]
@@ -130,6 +139,51 @@ def test_sigkill_mid_epoch_on_shards_then_same_command_resumes_bitwise(tiny_shar
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert [r["samples"] for r in metrics(tmp_path / "whole", "val")] == [16, 16]
     kill_mid_epoch_and_resume_bitwise(tmp_path / "whole", [*TINY, *data], tmp_path / "killed")
+
+
+def running(pid) -> bool:
+    """Whether process `pid` still runs (an exited orphan may stay a zombie a while, until its new parent reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_sigkill_of_the_torchrun_agent_stops_its_workers_and_the_same_command_resumes_bitwise(uninterrupted,
+                                                                                            tiny_data, tmp_path):
+    # torchrun starts each worker in a session of its own: a SIGKILL of the agent alone (the OOM killer's pick, a
+    # kill by hand) reaches no worker, and left them training on as orphans, holding run.dir (and GPUs).
+    run_dir = tmp_path / "run"
+    command = trainer_command(2, *DDP_RUN, "train.stop_check_every=1", f"data.root={tiny_data}", f"run.dir={run_dir}")
+    with open(tmp_path / "first.log", "w") as out:  # the orphans' output has no reader once the agent is gone
+        agent = subprocess.Popen(command, cwd=ROOT, env=trainer_env(), stdout=out, stderr=subprocess.STDOUT)
+    workers = {}
+    try:
+        wait_for(lambda: last_train_step(run_dir) >= 17 or agent.poll() is not None, 240, "step 17", interval_s=0.02)
+        assert agent.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        killed_after = last_train_step(run_dir)  # mid-epoch 1 (12 steps an epoch), past the step-15 checkpoint
+        workers = worker_pids(agent.pid)
+        assert len(workers) == 2
+        os.kill(agent.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        agent.wait()
+        wait_for(lambda: not any(map(running, workers.values())), 60, "the workers to exit after their agent")
+        print(f"the workers exited {time.monotonic() - killed:.1f} s after their agent was killed")
+    finally:
+        for pid in filter(running, workers.values()):
+            os.kill(pid, signal.SIGKILL)
+    logs = [(run_dir / "logs" / f"rank{rank}.log").read_text() for rank in (0, 1)]
+    stopped = {int(m) for log in logs for m in re.findall(r"stopping on a signal at step (\d+)", log)}
+    assert len(stopped) == 1, (tmp_path / "first.log").read_text()[-3000:]
+    stopped_at = stopped.pop()
+    assert killed_after <= stopped_at < STEPS
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"ckpt-{stopped_at:09d}.pt"
+
+    result = subprocess.run(command, cwd=ROOT, env=trainer_env(), capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming at step {stopped_at}" in result.stdout
+    assert_ends_as(uninterrupted[0], run_dir, stopped_at)
 
 
 def test_evaluation_with_two_ranks_equals_one(uninterrupted):

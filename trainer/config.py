@@ -66,9 +66,12 @@ class TrainConfig:
     """Wrap the model in torch.compile."""
     sync_bn: bool = False
     """Synchronize BN statistics across GPUs (CUDA only; on CPU a warning is printed and plain BN is used). Off by
-    default, as in NVIDIA's recipe and torchvision's: at 256 images per GPU it buys no accuracy, and it adds two
-    blocking collectives per BN layer on DDP's communicator and gives up cuDNN's NHWC batch norm. For small
-    per-GPU batches (detection, segmentation)."""
+    default, as in NVIDIA's recipe and torchvision's: at 256 images per GPU it buys no accuracy, and it gives up
+    cuDNN's NHWC batch norm and costs, per BN layer (53 in ResNet-50) and micro-batch, two collectives on DDP's
+    communicator that the compute stream waits for (an all_gather of the statistics in forward, an all_reduce in
+    backward) and three host-GPU syncs in forward: PyTorch 2.14's SyncBatchNorm drops empty ranks' statistics
+    with three boolean-mask indexings, each a nonzero() that waits for the GPU (159 per ResNet-50 forward), so the
+    host cannot queue work ahead. For small per-GPU batches (detection, segmentation)."""
     cudnn_benchmark: bool = True
     """Let cuDNN pick the fastest convolution algorithms for the fixed input shape (off under deterministic)."""
     deterministic: bool = False

@@ -2,11 +2,13 @@
 import sys
 
 from common import cli
-from trainer import distributed, precision
-from trainer.config import check_paths, load_config, parse_args, to_yaml
+from trainer import preemption
 
 
 def train(args) -> int:
+    from trainer import distributed, precision
+    from trainer.config import check_paths, load_config, to_yaml
+
     cfg = load_config(args.config, args.overrides)
     precision.check_device(cfg.train.precision)
     if args.print_config:
@@ -21,6 +23,10 @@ def train(args) -> int:
 
 
 def main(argv=None) -> int:
+    preemption.follow_agent()  # first: the imports below take seconds (see its docstring)
+    from trainer import distributed
+    from trainer.config import parse_args
+
     return cli.run(parse_args, train, argv, close=distributed.shutdown)
 
 
