@@ -1,5 +1,6 @@
 """What every part of the GPU check gets: the mode's sizes, the scratch folder, the ResNet-50 preset and the real
 Trainer; and what a part gives back: Passed (its figures and headline), or CheckFailed (with the figures it got)."""
+import json
 import os
 import threading
 from dataclasses import dataclass
@@ -132,10 +133,22 @@ class Context:
     """Scratch folder shared by the parts: the images, run directories."""
     progress_file: Optional[Path] = None
     """Where the part notes how far it got, for the runner to read if it has to kill it."""
+    partial_file: Optional[Path] = None
+    """Where the part keeps what it has measured so far, which the runner reports if it has to kill it."""
 
     def progress(self, phase: str) -> None:
         if self.progress_file is not None:
             self.progress_file.write_text(phase + "\n")
+
+    def record(self, **figures) -> None:
+        """Adds `figures` (a `headline` among them, if the part has one yet) to what the runner reports should the
+        part's box run out before it returns."""
+        if self.partial_file is None:
+            return
+        kept = json.loads(self.partial_file.read_text()) if self.partial_file.is_file() else {}
+        temp = self.partial_file.with_suffix(".tmp")
+        temp.write_text(json.dumps({**kept, **figures}, default=str))
+        os.replace(temp, self.partial_file)  # the runner never reads half a file
 
     @property
     def sizes(self) -> Sizes:

@@ -28,7 +28,8 @@ def main(argv=None) -> int:
     try:
         module, function = parts[args.part].check.split(":")
         check = getattr(importlib.import_module(module), function)
-        passed = check(Context(args.mode, args.work, progress_file=args.result.with_suffix(".progress")))
+        passed = check(Context(args.mode, args.work, progress_file=args.result.with_suffix(".progress"),
+                               partial_file=args.result.with_suffix(".partial.json")))
         result = {"status": "pass", "headline": passed.headline, **passed.figures}
     except CheckFailed as e:
         result = {"status": "fail", "reason": str(e), **e.figures}

@@ -102,6 +102,9 @@ HARD_CAP_S = 360.0
 and writes the report), SIGKILL at it. The 15 s between the budget and the SIGTERM are the runner's own."""
 assert sum(p.box_s for p in PARTS) <= BUDGET_S, "the parts' time boxes must fit the budget"
 assert [p.compiles for p in PARTS] == sorted(p.compiles for p in PARTS), "the compiling parts come last"
+STATUSES = ("pass", "fail", "skipped", "partial")
+"""A part's outcome; `partial`: a compiling part whose box ran out during the compile, with what it had measured
+before it (the eager figures). Only `fail` fails the check."""
 MIN_START_S = 5.0
 """A part is not started with less than this left of the budget."""
 CPU_SMOKE_BOX_FACTOR = 4.0
@@ -128,9 +131,17 @@ def missing_modules() -> list:
     return [f"{module} ({dist})" for module, dist in REQUIRED.items() if not _importable(module)]
 
 
+def _measured(partial_file: Path) -> dict:
+    """What a killed part had recorded (Context.record), if anything."""
+    try:
+        return json.loads(partial_file.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def run_part(part: Part, mode: str, work: Path, log, box_s: float, budget_s: float) -> dict:
     """Runs one part in its own process group, killed as a whole if it outlasts `box_s`: its own time box, or
-    what was left of the budget when that was less."""
+    what was left of the budget when that was less. A killed part's result keeps what it had measured."""
     result_file = work / "results" / f"{part.name}.json"
     progress_file = result_file.with_suffix(".progress")
     result_file.parent.mkdir(parents=True, exist_ok=True)
@@ -147,15 +158,19 @@ def run_part(part: Part, mode: str, work: Path, log, box_s: float, budget_s: flo
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         seconds = round(time.perf_counter() - start, 1)
+        measured = _measured(result_file.with_suffix(".partial.json"))
         if box_s < part.box_s:
-            return {"status": "skipped", "reason": f"cut by the {budget_s:.0f} s budget after {seconds:.0f} s of "
-                    f"its {part.box_s:.0f} s time box", "seconds": seconds}
+            return {**measured, "status": "skipped", "reason": f"cut by the {budget_s:.0f} s budget after "
+                    f"{seconds:.0f} s of its {part.box_s:.0f} s time box", "seconds": seconds}
         progress = progress_file.read_text().strip() if progress_file.is_file() else ""
-        if part.compiles and progress != "compiled":
-            return {"status": "skipped", "reason": f"torch.compile had not finished within the part's time box of "
+        if part.compiles and progress == "compiling":
+            # The progress file was last written when the compile began.
+            compile_s = round(time.time() - progress_file.stat().st_mtime, 1)
+            return {**measured, "status": "partial", "reason": f"{measured.get('headline', 'nothing measured')}; "
+                    f"torch.compile had not finished {compile_s:.0f} s after it began, at the part's time box of "
                     f"{box_s:.0f} s (compile time is the host CPU's and Inductor's cache's, not the GPU's)",
-                    "seconds": seconds}
-        return {"status": "fail", "reason": f"did not finish within its time box of {box_s:.0f} s"
+                    "compile_s_at_least": compile_s, "seconds": seconds}
+        return {**measured, "status": "fail", "reason": f"did not finish within its time box of {box_s:.0f} s"
                 + (f" (it had reached: {progress})" if progress else ""), "seconds": seconds}
     except BaseException:  # the hard cap's SIGTERM, Ctrl-C: the part's process group goes too
         os.killpg(process.pid, signal.SIGKILL)
@@ -202,6 +217,11 @@ def targets(parts: dict, mode: str) -> dict:
     return result
 
 
+def tally(counts: dict) -> str:
+    words = {"pass": "passed", "fail": "failed", "skipped": "skipped", "partial": "partial"}
+    return ", ".join(f"{counts[s]} {words[s]}" for s in STATUSES)
+
+
 def headline(result: dict) -> str:
     """The part's own summary line if it passed, else why not."""
     return result["headline"] if result["status"] == "pass" else result.get("reason", "")
@@ -213,8 +233,8 @@ def markdown(report: dict) -> str:
     machine = (f"{env.get('gpu', 'no GPU')}, driver {env.get('driver', '-')}, {env.get('cpus')} CPUs; torch "
                f"{env.get('torch')}, DALI {env.get('dali')}")
     counts = report["counts"]
-    summary = (f"`bench/gpu_check.sh` ({report['mode']}), {report['started']}, {machine}: {counts['pass']} passed, "
-               f"{counts['fail']} failed, {counts['skipped']} skipped in {report['elapsed_s']:.0f} s"
+    summary = (f"`bench/gpu_check.sh` ({report['mode']}), {report['started']}, {machine}: {tally(counts)} in "
+               f"{report['elapsed_s']:.0f} s"
                + ("" if report["complete"] else " (so far: the run had not finished)"))
     lines = [summary, "", "| part | status | s | box s | result |", "|---|---|---:|---:|---|"]
     for name, result in report["parts"].items():
@@ -262,7 +282,7 @@ def main(argv=None) -> int:
     parts, missing = {}, missing_modules()
 
     def report(complete: bool) -> dict:
-        counts = {s: sum(p["status"] == s for p in parts.values()) for s in ("pass", "fail", "skipped")}
+        counts = {s: sum(p["status"] == s for p in parts.values()) for s in STATUSES}
         return {"tool": "bench/gpu_check.sh", "mode": mode, "started": started, "complete": complete,
                 "elapsed_s": round(time.monotonic() - start, 1), "budget_s": args.budget_s,
                 "ok": counts["fail"] == 0, "counts": counts, "env": parts.get("env", {}), "parts": parts,
@@ -317,8 +337,7 @@ def main(argv=None) -> int:
             measured = t[key]["measured"]
             print(f"target {key}: {measured and round(measured)} vs {t[key]['target']:.0f} "
                   f"({'met' if t[key]['met'] else 'NOT met'})")
-    print(f"{counts['pass']} passed, {counts['fail']} failed, {counts['skipped']} skipped in "
-          f"{final['elapsed_s']:.0f} s; report {args.out_dir / 'gpu_check.json'}")
+    print(f"{tally(counts)} in {final['elapsed_s']:.0f} s; report {args.out_dir / 'gpu_check.json'}")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if final["ok"] else 1
