@@ -201,6 +201,22 @@ def test_a_compiling_part_past_its_box_keeps_what_it_measured_and_says_how_long_
     assert compiled["reason"] == "did not finish within its time box of 1 s (it had reached: compiled)"
 
 
+def test_on_a_gpu_the_loader_part_compares_no_hardware_decoding_with_the_presets_share(tmp_path, monkeypatch):
+    loads = []
+
+    def fake_rate(data_cfg, batch, device, warmup, batches, **_):
+        loads.append(data_cfg.hw_decoder_load)
+        return {"img_per_s": 4000.0 + 4000.0 * data_cfg.hw_decoder_load, "batches": batches}
+
+    monkeypatch.setattr(throughput, "_loader_rate", fake_rate)
+    passed = throughput.check_loader(Context("gpu", tmp_path, partial_file=tmp_path / "loader.partial.json"))
+    assert loads == [0.0, 0.65] and passed.figures["default_hw_decoder_load"] == 0.65
+    assert passed.figures["hw_decoder_speedup"] == pytest.approx(1.65)
+    assert passed.headline == "mixed hw 0: 4000 img/s, mixed hw 0.65: 6600 img/s (x1.65 with the hardware decoder)"
+    # Each run is kept as soon as it is measured, should the box run out during the next.
+    assert len(json.loads((tmp_path / "loader.partial.json").read_text())["runs"]) == 2
+
+
 def test_a_train_part_records_its_eager_figures_before_it_compiles(tmp_path, monkeypatch):
     partial = tmp_path / "train_synthetic.partial.json"
     ctx = Context("gpu", tmp_path, partial_file=partial)

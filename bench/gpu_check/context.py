@@ -50,8 +50,6 @@ class Sizes:
     """Loader part: batches before the clock starts (pipeline build, prefetch fill)."""
     loader_batches: int
     """Loader part: batches measured."""
-    hw_decoder_loads: tuple
-    """Loader part on a GPU: the hw_decoder_load values compared (the CPU decoder has no hardware share)."""
     train_warmup: int
     """Throughput parts: steps before the measured window (cuDNN autotuning, compile, prefetch fill)."""
     train_steps: int
@@ -79,13 +77,13 @@ class Sizes:
 
 
 GPU = Sizes(model="resnet50", batch=256, image_size=224, unique_images=1024, copies=11, loader_warmup=3,
-            loader_batches=30, hw_decoder_loads=(0.0, 0.65, 0.9), train_warmup=10, train_steps=30,
+            loader_batches=20, train_warmup=10, train_steps=30,
             short_image_size=64, short_batch=32, short_steps=30, short_lr=0.2,
             demo=DemoParams(seed=1, classes=4, train_per_class=256, val_per_class=8),
             step_steps=8, compile_ddp_model="resnet18",
             resume_batch=64, resume_steps=8, threads=min(os.cpu_count() or 1, 16))
 CPU_SMOKE = Sizes(model="resnet20", batch=8, image_size=32, unique_images=40, copies=2, loader_warmup=1,
-                  loader_batches=4, hw_decoder_loads=(), train_warmup=2, train_steps=4,
+                  loader_batches=4, train_warmup=2, train_steps=4,
                   short_image_size=32, short_batch=8, short_steps=10, short_lr=3.2,
                   demo=DemoParams(seed=1, classes=4, train_per_class=24, val_per_class=2),
                   step_steps=2, compile_ddp_model="resnet20",
