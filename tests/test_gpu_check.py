@@ -1,5 +1,6 @@
 """bench/gpu_check.sh --cpu-smoke: the GPU check's own code paths at tiny sizes on the CPU, as CI can run them;
 its time boxes, budget and hard cap; and the CUDA-only parts' code on the CPU, where their mechanism runs there."""
+import contextlib
 import dataclasses
 import functools
 import json
@@ -9,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 
 import pytest
 import torch
@@ -23,7 +23,7 @@ from bench.images import SAMPLES_ARCHIVE
 from data import dali
 from data.folder import list_split
 from tests.helpers import ROOT, shared_dataset
-from trainer.trainer import Trainer
+from trainer.optim import EMA
 
 CPU_PARTS = {"env", "images", "loader", "train_synthetic", "train_dali", "fast_preset", "bf16", "resume"}
 CUDA_PARTS = {"fp16", "fp16_skip", "sync_free", "syncbn", "compile_ddp"}
@@ -296,25 +296,40 @@ def test_without_the_archive_the_images_part_generates_them_and_says_so(tmp_path
 
 @pytest.mark.slow
 def test_sync_free_names_where_the_loader_or_the_step_synced(images_ctx, monkeypatch):
-    # The CPU has no sync debug mode: torch's warning is raised by hand where a sync would be.
+    # The CPU has no sync debug mode: torch's error is raised by hand where a sync would be.
     figures = step.check_sync_free(images_ctx).figures
-    assert figures["step_syncs"] == figures["loader_syncs"] == 0 and figures["train_steps_checked"] == 2
+    assert figures["step_sync"] == figures["loader_sync"] == [] and figures["train_steps_checked"] == 2
+    assert figures["ema_decay"] == step.EMA_DECAY > 0
+
+    checking = []  # non-empty inside host_syncs' block, where torch's sync debug mode would be on
+    unpatched = step.host_syncs
+
+    @contextlib.contextmanager
+    def host_syncs(device, mode):
+        with unpatched(device, mode) as found:
+            checking.append(mode)
+            try:
+                yield found
+            finally:
+                checking.pop()
 
     def syncing(function):
         def synced(*args):
-            warnings.warn(step.SYNC_WARNING, stacklevel=1)
+            if checking == ["error"]:
+                raise RuntimeError(step.SYNC_MESSAGE)
             return function(*args)
         return synced
 
-    monkeypatch.setattr(Trainer, "_optimizer_step", syncing(Trainer._optimizer_step))
+    monkeypatch.setattr(step, "host_syncs", host_syncs)
+    # The EMA update, as it synced before issue 29 (its lerp weight read back from the device), and the loader.
+    monkeypatch.setattr(EMA, "update_parameters", syncing(EMA.update_parameters))
     monkeypatch.setattr(dali, "_to_torch", syncing(dali._to_torch))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the unchecked warm-up batches' own
-        with pytest.raises(CheckFailed) as failed:
-            step.check_sync_free(images_ctx)
-    assert re.fullmatch(r"the train steps synced 2 times: 2x tests/test_gpu_check.py:\d+ \(synced\) and the DALI "
-                        r"loader synced 2 times: 2x tests/test_gpu_check.py:\d+ \(synced\)", str(failed.value))
-    assert failed.value.figures["step_syncs"] == failed.value.figures["loader_syncs"] == 2
+    with pytest.raises(CheckFailed) as failed:
+        step.check_sync_free(images_ctx)
+    assert re.fullmatch(r"the train steps made the host wait for the GPU at tests/test_gpu_check.py:\d+ \(synced\) "
+                        r"and the DALI loader made the host wait for the GPU at tests/test_gpu_check.py:\d+ "
+                        r"\(synced\)", str(failed.value)), str(failed.value)
+    assert failed.value.figures["step_sync"] and failed.value.figures["loader_sync"]
 
 
 @pytest.mark.slow
