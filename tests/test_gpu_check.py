@@ -13,8 +13,9 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from bench.gpu_check import context, fast_preset, step, throughput
+from bench.gpu_check import context, fast_preset, step, syncbn, throughput
 from bench.gpu_check import images as images_part
 from bench.gpu_check import run as gpu_check
 from bench.gpu_check.context import CheckFailed, Context
@@ -23,6 +24,7 @@ from bench.images import SAMPLES_ARCHIVE
 from data import dali
 from data.folder import list_split
 from tests.helpers import ROOT, shared_dataset
+from trainer.models import build_model
 from trainer.optim import EMA
 
 CPU_PARTS = {"env", "images", "loader", "train_synthetic", "train_dali", "fast_preset", "bf16", "resume"}
@@ -330,6 +332,32 @@ def test_sync_free_names_where_the_loader_or_the_step_synced(images_ctx, monkeyp
                         r"and the DALI loader made the host wait for the GPU at tests/test_gpu_check.py:\d+ "
                         r"\(synced\)", str(failed.value)), str(failed.value)
     assert failed.value.figures["step_sync"] and failed.value.figures["loader_sync"]
+
+
+def test_the_syncbn_part_forces_every_layer_onto_the_synchronizing_path_in_a_one_rank_group(tmp_path, monkeypatch):
+    # PyTorch's own SyncBatchNorm would fall back to plain BN here (world size 1); its kernels are CUDA-only, so the
+    # synchronizing Function is stood in for, and what it is called with is the test.
+    calls = []
+
+    class Recorder:
+        @staticmethod
+        def apply(input, weight, bias, running_mean, running_var, eps, momentum, group, world_size):
+            calls.append((group, world_size))
+            return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
+
+    monkeypatch.setattr(syncbn, "SyncBatchNormFunction", Recorder)
+    model = syncbn.sync_path_model(build_model("resnet20", num_classes=10))
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert layers and all(type(m) is syncbn.SyncPathBatchNorm for m in layers)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        model(torch.randn(4, 3, 32, 32))
+        assert calls == [(torch.distributed.group.WORLD, 1)] * len(layers)
+        assert all(int(m.num_batches_tracked) == 1 for m in layers)
+        model.eval()(torch.randn(4, 3, 32, 32))  # evaluation does not synchronize
+        assert len(calls) == len(layers)
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow

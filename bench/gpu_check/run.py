@@ -77,8 +77,9 @@ PARTS = (
          "bench.gpu_check.step:check_fp16_skip", needs_cuda=True),
     Part("sync_free", 15, "train steps that neither log nor check for a stop: no host sync, loader and trainer",
          "bench.gpu_check.step:check_sync_free", needs_cuda=True, needs_images=True),
-    Part("syncbn", 15, "SyncBatchNorm on 2 ranks vs BatchNorm on the whole batch; NCCL DDP + SyncBN step",
-         "bench.gpu_check.numerics:check_syncbn", needs_cuda=True),
+    Part("syncbn", 15, "what train.sync_bn costs a ResNet-50 step (its synchronizing path forced in a 1-rank NCCL "
+         "group, DDP), against BN; its kernels against BatchNorm2d", "bench.gpu_check.syncbn:check_syncbn",
+         needs_cuda=True),
     Part("fast_preset", 25, "Trainer images/s at each train side of configs/resnet50_imagenet_fast.yaml; its 16 and "
          "32 epochs projected to 8 GPUs, beside FFCV's 8 x A100 minutes",
          "bench.gpu_check.fast_preset:check_fast_preset"),
