@@ -143,8 +143,9 @@ def test_the_time_boxes_fit_the_budget_and_the_budget_fits_the_hard_cap():
 
 
 @pytest.mark.parametrize("sizes", [context.GPU, context.CPU_SMOKE], ids=["gpu", "cpu-smoke"])
-def test_the_fp16_and_bf16_runs_stay_within_the_demo_sets_first_epoch(sizes):
+def test_the_fp16_bf16_and_resume_runs_stay_within_the_demo_sets_first_epoch(sizes):
     assert sizes.short_steps * sizes.short_batch <= sizes.demo.classes * sizes.demo.train_per_class
+    assert sizes.resume_steps * sizes.resume_batch <= sizes.demo.classes * sizes.demo.train_per_class
 
 
 REAL_SAMPLES = 1000

@@ -69,9 +69,10 @@ class Sizes:
     compile_ddp_model: str
     """compile_ddp part: the model compiled with DDP, smaller than the preset's so that its compile fits the box."""
     resume_batch: int
-    """Resume part: batch."""
+    """Resume part: batch, on the demo set at the short crop."""
     resume_steps: int
-    """Resume part: steps of the straight run; the interrupted run stops at half and resumes."""
+    """Resume part: steps of the straight run, within the demo set's first epoch; the interrupted run stops at half
+    and resumes."""
     threads: int
     """DALI CPU threads (data.num_threads) and image generator processes."""
 
@@ -81,7 +82,7 @@ GPU = Sizes(model="resnet50", batch=256, image_size=224, unique_images=1024, cop
             short_image_size=64, short_batch=32, short_steps=30, short_lr=0.2,
             demo=DemoParams(seed=1, classes=4, train_per_class=256, val_per_class=8),
             step_steps=8, compile_ddp_model="resnet18",
-            resume_batch=64, resume_steps=8, threads=min(os.cpu_count() or 1, 16))
+            resume_batch=32, resume_steps=8, threads=min(os.cpu_count() or 1, 16))
 CPU_SMOKE = Sizes(model="resnet20", batch=8, image_size=32, unique_images=40, copies=2, loader_warmup=1,
                   loader_batches=4, train_warmup=2, train_steps=4,
                   short_image_size=32, short_batch=8, short_steps=10, short_lr=3.2,
