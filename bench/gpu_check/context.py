@@ -78,7 +78,7 @@ class Sizes:
 
 
 GPU = Sizes(model="resnet50", batch=256, image_size=224, unique_images=1024, copies=11, loader_warmup=3,
-            loader_batches=20, train_warmup=10, train_steps=30,
+            loader_batches=20, train_warmup=5, train_steps=20,
             short_image_size=64, short_batch=32, short_steps=30, short_lr=0.2,
             demo=DemoParams(seed=1, classes=4, train_per_class=256, val_per_class=8),
             step_steps=8, compile_ddp_model="resnet18",

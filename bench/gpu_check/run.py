@@ -1,19 +1,21 @@
-"""`bench/gpu_check.sh OUT_DIR`: everything one GPU machine should show, in one run of at most 6 minutes.
+"""`bench/gpu_check.sh OUT_DIR`: everything one GPU machine should show, in one run of at most 6 min 20 s.
 
-Environment; DALI's mixed-decode train pipeline alone at several hw_decoder_load values; ResNet-50 training
-images/s (the preset: batch 256, bf16, channels_last) on synthetic data and on the DALI loader, eager and under
-torch.compile; fp16 + GradScaler and bf16 runs whose loss must come down; a non-finite fp16 step that must be
-skipped and leave the model bit for bit as it was; train steps that must not make the host wait for the GPU;
-SyncBatchNorm across two ranks and an NCCL DDP step; a deterministic checkpoint resume that must match an
-uninterrupted run bit for bit, with a checkpoint of CPU tensors; the trainer compiled with DDP. Each part runs in
-its own process within its time box, on the real ImageNet samples of ../shared/datasets/imagenet-samples.tar
-(beside the repository) where that archive is, else on JPEGs generated at the start: the images part says which.
-Writes OUT_DIR/gpu_check.json (every part's status and figures, the targets), gpu_check.md (the same as a table)
-and gpu_check.log, after every part; exits 1 if any part failed. Parts the budget or the hard cap cut are
-`skipped`, not failed. Targets are reported, not enforced.
+Environment; DALI's mixed-decode train pipeline alone without and with the hardware JPEG decoder; ResNet-50
+training images/s (the preset: batch 256, bf16, channels_last) on synthetic data and on the DALI loader, eager and
+then under torch.compile; a bf16 run whose loss must come down; a non-finite fp16 step that must be skipped and
+leave the model bit for bit as it was; train steps with EMA that must not make the host wait for the GPU; what
+SyncBatchNorm costs a step; a deterministic checkpoint resume that must match an uninterrupted run bit for bit,
+with a checkpoint of CPU tensors. `--parts` adds the optional ones: an fp16 run, the fast preset's projection, the
+trainer compiled with DDP. Each part runs in its own process within its time box, on the real ImageNet samples of
+../shared/datasets/imagenet-samples.tar (beside the repository) where that archive is, else on JPEGs generated at
+the start: the images part says which. Writes OUT_DIR/gpu_check.json (every part's status and figures, the
+targets), gpu_check.md (the same as a table) and gpu_check.log, after every part; exits 1 if any part failed.
+Parts the budget or the hard cap cut are `skipped`, a compile its box cut `partial`, not failed. Targets are
+reported, not enforced.
 
-`--cpu-smoke` runs the same code at tiny sizes on the CPU (DALI CPU, ResNet-20); parts that need CUDA are
-skipped. This module only imports the standard library, so that a missing package is reported, not a traceback.
+`--cpu-smoke` runs the same code at tiny sizes on the CPU (DALI CPU, ResNet-20), the optional parts too; parts
+that need CUDA are skipped. This module only imports the standard library, so that a missing package is reported,
+not a traceback.
 """
 import argparse
 import importlib.util
@@ -48,6 +50,9 @@ class Part:
     """Most seconds it may take on a GPU machine, its process start included; killed after that. Running past its
     box fails a part, but a compiling part that had not finished compiling is `partial`, with its eager figures:
     Inductor's compile time is the host CPU's and its cache's, not the GPU's."""
+    estimate_s: float
+    """What it should take there, process start included (the arithmetic is beside PARTS); the box is at least
+    BOX_MARGIN times this."""
     what: str
     check: str
     """`module:function` that runs it: takes a bench.gpu_check.context.Context, returns Passed (figures and headline)
@@ -56,49 +61,87 @@ class Part:
     needs_images: bool = False
     compiles: bool = False
     """Runs torch.compile, after what it measures eager; it runs after the parts that do not compile."""
+    optional: bool = False
+    """Left out of a GPU run unless --parts names it, so that the rest fits the budget; --cpu-smoke runs it."""
 
 
-# Correctness first, the compiles last, each in its own box. The boxes are estimates for one H200 on a 16-core host,
-# 1.5-2 times what each part should take there (docs/performance.md lists the estimates; the first GPU run's
-# gpu_check.md shows the real times next to the boxes); the compiles' are for a cold Inductor cache. They add up to
-# the budget, so the parts before the compiles cannot use the compiles' time, and the script ends within its cap.
+# The estimates are for one H100/H200 on a 16-core host, none of them measured there yet; gpu_check.md puts the real
+# seconds next to them. Their parts, in seconds:
+#   start  5: interpreter and imports (torch, DALI, the project) 2.5, as measured on the 2-core CPU VM this was
+#             written on (python -X importtime), then the CUDA context and cuDNN/cuBLAS handles 2.5; the first part
+#             5 more, on a page cache still cold from the machine's start
+#   build  1.5 a Trainer (model to the device, optimizer, run dir); 3 a DALI mixed train pipeline (16 threads'
+#             nvJPEG buffers: 3.4 GB of device and 4.5 GB of pinned memory), 1.5 once DALI's pools hold them;
+#             2 a val pipeline
+#   tune   4: cuDNN's benchmark over ResNet-50's convolutions at 224 px and batch 256, 2 at 64 px and batch 32
+#   step   85 ms: ResNet-50, batch 256, bf16, channels_last, eager (~3,000 img/s); 70 ms compiled; 25 ms at 64 px
+#             and batch 32 (launch-bound)
+#   end    a Trainer's final validation (its pipeline and a few batches) and checkpoint (~200 MB, 1 s)
+#   compile 60: Inductor's first compile of ResNet-50's train step with 16 compile workers; 12 from its on-disk
+#             caches (FX graph, AOTAutograd, Triton), as train_dali finds them after train_synthetic
+# Correctness first, the compiles last. fp16, fast_preset and compile_ddp are optional: with them the boxes would
+# pass the 7 minutes a device call can give the check, and they are the least informative for a first run: the
+# preset trains in bf16 (bf16 learns, fp16_skip checks GradScaler's skip on the GPU); fast_preset projects a
+# schedule rather than checking the service; compile_ddp's DDP wiring is tested on the CPU (aot_eager) and NCCL
+# with DDP runs in syncbn, and its own cold compile would need a box of 68 s.
 PARTS = (
-    Part("env", 15, "GPU, driver, CUDA, cuDNN, NCCL, torch, DALI versions", "bench.gpu_check.env:check_env"),
-    Part("images", 15, "the real ImageNet samples (../shared/datasets/) or generated JPEGs (bench.images), "
-         "hard-linked into a big split; demo set",
-         "bench.gpu_check.images:check_images"),
-    Part("loader", 15, "DALI train pipeline alone, images/s per hw_decoder_load",
-         "bench.gpu_check.throughput:check_loader", needs_images=True),
-    Part("fp16", 15, "fp16 + GradScaler run on the demo set: the loss must come down",
-         "bench.gpu_check.numerics:check_fp16", needs_cuda=True, needs_images=True),
-    Part("bf16", 15, "bf16 run on the demo set: the loss must come down",
+    # start 5 + cold page cache 5 + nvidia-smi, DALI and torchvision imports 1
+    Part("env", 17, 11, "GPU, driver, CUDA, cuDNN, NCCL, torch, DALI versions", "bench.gpu_check.env:check_env"),
+    # start 2.5 (no CUDA) + 1,228 JPEGs at 13 ms each (measured here) in 8 processes 2 + demo set 1 + links 0.5;
+    # extracting the real samples instead: 2
+    Part("images", 12, 7, "the real ImageNet samples (../shared/datasets/) or generated JPEGs (bench.images), "
+         "hard-linked into a big split; demo set", "bench.gpu_check.images:check_images"),
+    # start 5 + 2 x (pipeline 3 + 3 warm-up batches 1 + 20 batches of 256 at >= 2,500 img/s 2) = 17
+    Part("loader", 26, 17, "DALI train pipeline alone, images/s at hw_decoder_load 0 and at the preset's: whether "
+         "the hardware decoder serves the random-crop decode", "bench.gpu_check.throughput:check_loader",
+         needs_images=True),
+    # start 5 + Trainer 1.5 + pipeline 3 + tune 2 + 30 steps 0.75 + end (val pipeline 2, 32 images, checkpoint 1)
+    Part("fp16", 24, 16, "fp16 + GradScaler run on the demo set: the loss must come down",
+         "bench.gpu_check.numerics:check_fp16", needs_cuda=True, needs_images=True, optional=True),
+    Part("bf16", 24, 16, "bf16 run on the demo set: the loss must come down",
          "bench.gpu_check.numerics:check_bf16", needs_images=True),
-    Part("fp16_skip", 15, "an fp16 step on an inf batch: skipped, counted, the model bitwise as before",
+    # start 5 + Trainer 1.5 + tune 2 + 9 steps 0.25 + copies and comparison 0.5
+    Part("fp16_skip", 15, 10, "an fp16 step on an inf batch: skipped, counted, the model bitwise as before",
          "bench.gpu_check.step:check_fp16_skip", needs_cuda=True),
-    Part("sync_free", 15, "train steps that neither log nor check for a stop: no host sync, loader and trainer",
-         "bench.gpu_check.step:check_sync_free", needs_cuda=True, needs_images=True),
-    Part("syncbn", 15, "what train.sync_bn costs a ResNet-50 step (its synchronizing path forced in a 1-rank NCCL "
-         "group, DDP), against BN; its kernels against BatchNorm2d", "bench.gpu_check.syncbn:check_syncbn",
+    # start 5 + Trainer 1.5 + pipeline 3 + 16 batches 0.5 + tune 2 + 16 steps with EMA 0.5 + slack 0.5
+    Part("sync_free", 20, 13, "train steps with EMA that neither log nor check for a stop, under sync debug mode "
+         "\"error\": no host sync, loader and trainer", "bench.gpu_check.step:check_sync_free", needs_cuda=True,
+         needs_images=True),
+    # start 5 + NCCL 2 + 2 models 1 + tune 4 + 2 x (3 + 1 + 10 steps at ~90 ms) 2.8 + layer check 0.5 + slack 0.7
+    Part("syncbn", 24, 16, "what train.sync_bn costs a ResNet-50 step (its synchronizing path forced in a 1-rank "
+         "NCCL group, DDP), against BN; its kernels against BatchNorm2d", "bench.gpu_check.syncbn:check_syncbn",
          needs_cuda=True),
-    Part("fast_preset", 25, "Trainer images/s at each train side of configs/resnet50_imagenet_fast.yaml; its 16 and "
-         "32 epochs projected to 8 GPUs, beside FFCV's 8 x A100 minutes",
-         "bench.gpu_check.fast_preset:check_fast_preset"),
-    Part("resume", 30, "N steps vs N/2 + resume + N/2, deterministic, compared bitwise; CPU tensors saved",
+    # start 5 + 3 Trainers x (1.5 + pipeline 3, 1.5, 1.5 + 4-8 steps 0.2 + end 3.1) + resume's load 1 + compare 1.5
+    Part("resume", 42, 28, "N steps vs N/2 + resume + N/2, deterministic, compared bitwise; CPU tensors saved",
          "bench.gpu_check.resume:check_resume", needs_images=True),
-    Part("train_synthetic", 75, "Trainer images/s on synthetic data (the model's ceiling), eager, then under "
+    # start 5 + 2 sides x (Trainer 1.5 + tune 3 + 25 steps at ~55 ms 1.4 + synthetic val 0.5 + checkpoint 1)
+    Part("fast_preset", 30, 20, "Trainer images/s at each train side of configs/resnet50_imagenet_fast.yaml; its 16 "
+         "and 32 epochs projected to 8 GPUs, beside FFCV's 8 x A100 minutes",
+         "bench.gpu_check.fast_preset:check_fast_preset", optional=True),
+    # eager: start 5 + Trainer 1.5 + tune 4 + 25 steps 2.1 + synthetic val 0.75 + checkpoint 1 = 14.4;
+    # compiled: Trainer 1.5 + compile 60 + 25 steps 1.75 + val 0.75 + checkpoint 1 = 65
+    Part("train_synthetic", 120, 80, "Trainer images/s on synthetic data (the model's ceiling), eager, then under "
          "torch.compile (Inductor's first compile)", "bench.gpu_check.throughput:check_train_synthetic",
          compiles=True),
-    Part("train_dali", 50, "Trainer images/s on the DALI loader, eager, then under torch.compile (from Inductor's "
+    # eager: start 5 + Trainer 1.5 + pipeline 3 + tune 4 + 25 steps 2.1 + end 3.3 = 18.9;
+    # compiled: Trainer 1.5 + pipeline 1.5 + compile 12 + 25 steps 1.75 + end 3.3 = 20
+    Part("train_dali", 59, 39, "Trainer images/s on the DALI loader, eager, then under torch.compile (from Inductor's "
          "cache)", "bench.gpu_check.throughput:check_train_dali", needs_images=True, compiles=True),
-    Part("compile_ddp", 30, "the trainer compiled with DDP (DDPOptimizer) on a 1-rank NCCL group, grad_accum 2",
-         "bench.gpu_check.step:check_compile_ddp", needs_cuda=True, compiles=True),
+    # start 5 + NCCL 2 + Trainer 1.5 + Inductor's first compile of ResNet-18 at 64 px, cut by DDPOptimizer, 35 +
+    # 8 steps 0.3 + end 1
+    Part("compile_ddp", 68, 45, "the trainer compiled with DDP (DDPOptimizer) on a 1-rank NCCL group, grad_accum 2",
+         "bench.gpu_check.step:check_compile_ddp", needs_cuda=True, compiles=True, optional=True),
 )
-BUDGET_S = 330.0
-"""All the parts' boxes together: 215 s for the checks, 115 s for the compiles."""
-HARD_CAP_S = 360.0
-"""bench/gpu_check.sh's cap on the whole script: SIGTERM 15 s before it (this runner then stops the running part
-and writes the report), SIGKILL at it. The 15 s between the budget and the SIGTERM are the runner's own."""
-assert sum(p.box_s for p in PARTS) <= BUDGET_S, "the parts' time boxes must fit the budget"
+BOX_MARGIN = 1.5
+"""Every box is at least this many times its estimate."""
+BUDGET_S = 360.0
+"""The boxes of a GPU run's parts together (the optional ones left out): 359 s."""
+HARD_CAP_S = 380.0
+"""bench/gpu_check.sh's cap on the whole script: SIGTERM 10 s before it (this runner then stops the running part and
+writes the report), SIGKILL at it. The 10 s between the budget and the SIGTERM are the runner's own. 6 min 20 s, so
+that a device call of 7 minutes has 40 s left to install the wheels it carries (docs/performance.md)."""
+assert all(p.box_s >= BOX_MARGIN * p.estimate_s for p in PARTS), f"every box must be {BOX_MARGIN} x its estimate"
+assert sum(p.box_s for p in PARTS if not p.optional) <= BUDGET_S, "the parts' time boxes must fit the budget"
 assert [p.compiles for p in PARTS] == sorted(p.compiles for p in PARTS), "the compiling parts come last"
 STATUSES = ("pass", "fail", "skipped", "partial")
 """A part's outcome; `partial`: a compiling part whose box ran out during the compile, with what it had measured
@@ -236,16 +279,18 @@ def markdown(report: dict) -> str:
     summary = (f"`bench/gpu_check.sh` ({report['mode']}), {report['started']}, {machine}: {tally(counts)} in "
                f"{report['elapsed_s']:.0f} s"
                + ("" if report["complete"] else " (so far: the run had not finished)"))
-    lines = [summary, "", "| part | status | s | box s | result |", "|---|---|---:|---:|---|"]
+    lines = [summary, "", "| part | status | s | estimate s | box s | result |", "|---|---|---:|---:|---:|---|"]
     for name, result in report["parts"].items():
         lines.append(f"| {name} | {result['status']} | {result.get('seconds', 0):.1f} | "
-                     f"{report['time_boxes_s'][name]:.0f} | {headline(result)} |")
+                     f"{report['estimates_s'][name]:.0f} | {report['time_boxes_s'][name]:.0f} | {headline(result)} |")
     t = report["targets"]
     for key in ("train_img_per_s_with_dali", "loader_alone_img_per_s"):
         measured = t[key]["measured"]
         status = "met" if t[key]["met"] else "not met" if t["applies"] else "n/a off a GPU"
-        lines.append(f"| target {key} | {status} | | | "
+        lines.append(f"| target {key} | {status} | | | | "
                      f"{'-' if measured is None else round(measured)} vs {t[key]['target']:.0f} |")
+    if report["left_out"]:
+        lines += ["", f"Not in this run (--parts runs them): {', '.join(report['left_out'])}."]
     return "\n".join(lines) + "\n"
 
 
@@ -264,12 +309,13 @@ def main(argv=None) -> int:
     parser.add_argument("--box-factor", type=float,
                         help=f"multiply every part's time box, on a slower host (default 1, {CPU_SMOKE_BOX_FACTOR:g} "
                              f"with --cpu-smoke)")
-    parser.add_argument("--parts", help="comma-separated subset of: " + ", ".join(p.name for p in PARTS))
+    parser.add_argument("--parts", help="comma-separated subset of: " + ", ".join(p.name for p in PARTS) + " (by "
+                        "default all but the optional " + ", ".join(p.name for p in PARTS if p.optional) + " on a GPU)")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed at the end)")
     args = parser.parse_args(argv)
     mode = "cpu-smoke" if args.cpu_smoke else "gpu"
     box_factor = args.box_factor or (CPU_SMOKE_BOX_FACTOR if args.cpu_smoke else 1.0)
-    chosen = set(args.parts.split(",")) if args.parts else {p.name for p in PARTS}
+    chosen = set(args.parts.split(",")) if args.parts else {p.name for p in PARTS if args.cpu_smoke or not p.optional}
     unknown = chosen - {p.name for p in PARTS}
     if unknown:
         parser.error(f"unknown part(s): {', '.join(sorted(unknown))}")
@@ -287,6 +333,8 @@ def main(argv=None) -> int:
                 "elapsed_s": round(time.monotonic() - start, 1), "budget_s": args.budget_s,
                 "ok": counts["fail"] == 0, "counts": counts, "env": parts.get("env", {}), "parts": parts,
                 "time_boxes_s": {p.name: p.box_s * box_factor for p in PARTS if p.name in chosen},
+                "estimates_s": {p.name: p.estimate_s for p in PARTS if p.name in chosen},
+                "left_out": [p.name for p in PARTS if p.name not in chosen],
                 "targets": targets(parts, mode), "missing_packages": missing}
 
     previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -313,7 +361,7 @@ def main(argv=None) -> int:
                         parts[part.name] = run_part(part, mode, work, log, min(part.box_s, left), args.budget_s)
                     except HardCap:
                         parts[part.name] = {"status": "skipped", "reason": f"stopped by the script's hard cap of "
-                                            f"{HARD_CAP_S / 60:.0f} minutes (SIGTERM)",
+                                            f"{HARD_CAP_S:.0f} s (SIGTERM)",
                                             "seconds": round(time.monotonic() - part_start, 1)}
                         print(f"{part.name:<26} skipped: the hard cap", flush=True)
                         break
@@ -327,7 +375,7 @@ def main(argv=None) -> int:
     for part in PARTS:
         if part.name in chosen and part.name not in parts:
             parts[part.name] = {"status": "skipped", "reason": f"not started: the script's hard cap of "
-                                f"{HARD_CAP_S / 60:.0f} minutes was reached"}
+                                f"{HARD_CAP_S:.0f} s was reached"}
 
     final = report(complete=True)
     write_report(args.out_dir, final)
