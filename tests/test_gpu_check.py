@@ -179,13 +179,18 @@ def test_one_epoch_of_the_images_outlasts_the_loader_and_throughput_measurements
     assert batches >= sizes.train_warmup + sizes.train_steps
 
 
+def fake_part_process(tmp_path, monkeypatch, script: str) -> None:
+    """The parts' processes run `script` (sh), with $RESULT their result file, instead of Python."""
+    fake_python = tmp_path / "fake_python"
+    fake_python.write_text(f'#!/bin/sh\nRESULT="${{10}}"\n{script}\n')  # ... --result RESULT: the 10th argument
+    fake_python.chmod(0o755)
+    monkeypatch.setattr(gpu_check, "PYTHON", str(fake_python))
+
+
 @pytest.fixture
 def stuck_part(tmp_path, monkeypatch):
     """A part whose process never finishes."""
-    fake_python = tmp_path / "stuck"
-    fake_python.write_text("#!/bin/sh\nexec sleep 60\n")
-    fake_python.chmod(0o755)
-    monkeypatch.setattr(gpu_check, "PYTHON", str(fake_python))
+    fake_part_process(tmp_path, monkeypatch, "exec sleep 60")
     return gpu_check.Part("stuck", 1, 0.5, "never finishes", "bench.gpu_check.env:check_env")
 
 
@@ -199,27 +204,45 @@ def test_a_part_past_its_box_fails_but_one_the_budget_cut_is_skipped(stuck_part,
     assert budget_cut["reason"].startswith("cut by the 330 s budget after 1 s of its 30 s time box")
 
 
-def test_a_compiling_part_past_its_box_keeps_what_it_measured_and_says_how_long_it_compiled(stuck_part, tmp_path):
-    part = dataclasses.replace(stuck_part, compiles=True)
-    results = tmp_path / "results"
-    results.mkdir()
-    # What the part's Context had written before the compile began: the eager figures, then the progress.
-    ctx = Context("gpu", tmp_path, progress_file=results / "stuck.progress",
-                  partial_file=results / "stuck.partial.json")
-    ctx.record(eager={"img_per_s": 2950.0})
+def test_what_a_part_records_is_what_the_runner_reads_back(tmp_path):
+    ctx = Context("gpu", tmp_path, partial_file=tmp_path / "part.partial.json")
+    ctx.record(eager={"img_per_s": 2950.0}, headline="eager")
     ctx.record(headline="eager 2950 img/s")
-    ctx.progress("compiling")
-    with open(tmp_path / "log", "wb") as log:
-        compiling = gpu_check.run_part(part, "gpu", tmp_path, log, box_s=1, budget_s=330)
-        ctx.progress("compiled")
-        compiled = gpu_check.run_part(part, "gpu", tmp_path, log, box_s=1, budget_s=330)
+    assert gpu_check._measured(tmp_path / "part.partial.json") == {"eager": {"img_per_s": 2950.0},
+                                                                   "headline": "eager 2950 img/s"}
+
+
+def test_a_compiling_part_past_its_box_keeps_what_it_measured_and_says_how_long_it_compiled(stuck_part, tmp_path,
+                                                                                            monkeypatch):
+    part = dataclasses.replace(stuck_part, compiles=True)
+    measured = json.dumps({"eager": {"img_per_s": 2950.0}, "headline": "eager 2950 img/s"})
+
+    def killed_at(phase: str) -> dict:
+        # What the part's Context writes: the eager figures, then the progress when the compiled run begins.
+        fake_part_process(tmp_path, monkeypatch, f"""printf '%s' '{measured}' > "${{RESULT%.json}}.partial.json"
+printf '{phase}\\n' > "${{RESULT%.json}}.progress"
+exec sleep 60""")
+        with open(tmp_path / "log", "ab") as log:
+            return gpu_check.run_part(part, "gpu", tmp_path, log, box_s=2, budget_s=330)
+
+    compiling, compiled = killed_at("compiling"), killed_at("compiled")
     assert compiling["status"] == "partial" and compiling["eager"] == {"img_per_s": 2950.0}
-    assert compiling["compile_s_at_least"] >= 1
-    assert re.fullmatch(r"eager 2950 img/s; torch.compile had not finished \d+ s after it began, at the part's "
-                        r"time box of 1 s \(.*\)", compiling["reason"])
+    assert 1 <= compiling["compile_s_at_least"] <= compiling["seconds"]
+    assert re.fullmatch(r"eager 2950 img/s; torch.compile had not finished \d+ s after the compiled run began, at "
+                        r"the part's time box of 2 s \(.*\)", compiling["reason"]), compiling["reason"]
     # Past the compile, running out of the box is the part's failure; its figures are still kept.
     assert compiled["status"] == "fail" and compiled["eager"] == {"img_per_s": 2950.0}
-    assert compiled["reason"] == "did not finish within its time box of 1 s (it had reached: compiled)"
+    assert compiled["reason"] == "did not finish within its time box of 2 s (it had reached: compiled)"
+
+
+def test_an_earlier_runs_result_in_the_work_folder_is_not_taken_for_this_ones(tmp_path, monkeypatch):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "crash.json").write_text('{"status": "pass", "headline": "from yesterday"}')
+    fake_part_process(tmp_path, monkeypatch, "exit 3")
+    with open(tmp_path / "log", "wb") as log:
+        result = gpu_check.run_part(gpu_check.Part("crash", 5, 1, "crashes", "bench.gpu_check.env:check_env"),
+                                    "gpu", tmp_path, log, box_s=5, budget_s=330)
+    assert result["status"] == "fail" and result["reason"].startswith("the part's process exited 3 without a result")
 
 
 def test_on_a_gpu_the_loader_part_compares_no_hardware_decoding_with_the_presets_share(tmp_path, monkeypatch):

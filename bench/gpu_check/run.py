@@ -178,8 +178,10 @@ def run_part(part: Part, mode: str, work: Path, log, box_s: float, budget_s: flo
     """Runs one part in its own process group, killed as a whole if it outlasts `box_s`: its own time box, or
     what was left of the budget when that was less. A killed part's result keeps what it had measured."""
     result_file = work / "results" / f"{part.name}.json"
-    progress_file = result_file.with_suffix(".progress")
+    progress_file, partial_file = result_file.with_suffix(".progress"), result_file.with_suffix(".partial.json")
     result_file.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (result_file, progress_file, partial_file):  # an earlier run's, in a --work folder used again
+        stale.unlink(missing_ok=True)
     log.write(f"\n===== {part.name}: {part.what} (time box {box_s:.0f} s) =====\n".encode())
     log.flush()
     command = [PYTHON, "-m", "bench.gpu_check.part", "--part", part.name, "--mode", mode,
@@ -193,7 +195,7 @@ def run_part(part: Part, mode: str, work: Path, log, box_s: float, budget_s: flo
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         seconds = round(time.perf_counter() - start, 1)
-        measured = _measured(result_file.with_suffix(".partial.json"))
+        measured = _measured(partial_file)
         if box_s < part.box_s:
             return {**measured, "status": "skipped", "reason": f"cut by the {budget_s:.0f} s budget after "
                     f"{seconds:.0f} s of its {part.box_s:.0f} s time box", "seconds": seconds}
@@ -202,8 +204,8 @@ def run_part(part: Part, mode: str, work: Path, log, box_s: float, budget_s: flo
             # The progress file was last written when the compile began.
             compile_s = round(time.time() - progress_file.stat().st_mtime, 1)
             return {**measured, "status": "partial", "reason": f"{measured.get('headline', 'nothing measured')}; "
-                    f"torch.compile had not finished {compile_s:.0f} s after it began, at the part's time box of "
-                    f"{box_s:.0f} s (compile time is the host CPU's and Inductor's cache's, not the GPU's)",
+                    f"torch.compile had not finished {compile_s:.0f} s after the compiled run began, at the part's "
+                    f"time box of {box_s:.0f} s (compile time is the host CPU's and Inductor's cache's, not the GPU's)",
                     "compile_s_at_least": compile_s, "seconds": seconds}
         return {**measured, "status": "fail", "reason": f"did not finish within its time box of {box_s:.0f} s"
                 + (f" (it had reached: {progress})" if progress else ""), "seconds": seconds}
