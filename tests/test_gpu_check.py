@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from bench.gpu_check import context, fast_preset, step, syncbn, throughput
 from bench.gpu_check import images as images_part
+from bench.gpu_check import part as part_module
 from bench.gpu_check import run as gpu_check
 from bench.gpu_check.context import CheckFailed, Context
 from bench.gpu_check.images import check_images
@@ -233,6 +234,22 @@ exec sleep 60""")
     # Past the compile, running out of the box is the part's failure; its figures are still kept.
     assert compiled["status"] == "fail" and compiled["eager"] == {"img_per_s": 2950.0}
     assert compiled["reason"] == "did not finish within its time box of 2 s (it had reached: compiled)"
+
+
+def crashing_compile(ctx: Context):
+    """A train part whose compile raises after the eager run was recorded."""
+    ctx.record(eager={"img_per_s": 2950.0}, headline="eager 2950 img/s")
+    raise RuntimeError("Inductor: something went wrong\nBackendCompilerFailed: in the compile")
+
+
+def test_a_part_that_raises_keeps_what_it_had_recorded(tmp_path, monkeypatch):
+    crashing = gpu_check.Part("crashing", 5, 1, "compiles and crashes", "tests.test_gpu_check:crashing_compile")
+    monkeypatch.setattr(part_module, "PARTS", (crashing,))
+    result_file = tmp_path / "crashing.json"
+    part_module.main(["--part", "crashing", "--mode", "gpu", "--work", str(tmp_path), "--result", str(result_file)])
+    result = json.loads(result_file.read_text())
+    assert result["status"] == "fail" and result["reason"] == "RuntimeError: BackendCompilerFailed: in the compile"
+    assert result["eager"] == {"img_per_s": 2950.0}
 
 
 def test_an_earlier_runs_result_in_the_work_folder_is_not_taken_for_this_ones(tmp_path, monkeypatch):

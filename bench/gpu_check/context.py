@@ -144,10 +144,15 @@ class Context:
         part's box run out before it returns."""
         if self.partial_file is None:
             return
-        kept = json.loads(self.partial_file.read_text()) if self.partial_file.is_file() else {}
         temp = self.partial_file.with_suffix(".tmp")
-        temp.write_text(json.dumps({**kept, **figures}, default=str))
+        temp.write_text(json.dumps({**self.recorded(), **figures}, default=str))
         os.replace(temp, self.partial_file)  # the runner never reads half a file
+
+    def recorded(self) -> dict:
+        """What `record` has kept so far."""
+        if self.partial_file is None or not self.partial_file.is_file():
+            return {}
+        return json.loads(self.partial_file.read_text())
 
     @property
     def sizes(self) -> Sizes:

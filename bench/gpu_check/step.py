@@ -118,10 +118,6 @@ def host_syncs(device: torch.device, mode: str):
                 torch.cuda.set_sync_debug_mode("default")
 
 
-def _summary(places: list) -> list:
-    return [f"{places.count(p)}x {p}" for p in dict.fromkeys(places)]
-
-
 def check_sync_free(ctx: Context) -> Passed:
     """The DALI loader alone, then `train_one_epoch` over batches already on the GPU, each under
     torch.cuda.set_sync_debug_mode("error"), so that the first host sync raises: zero in either. The steps run
