@@ -1,1 +1,2 @@
-"""The GPU check (bench/gpu_check.sh): run.py times and reports the parts, part.py runs one in its own process."""
+"""The GPU check (bench/gpu_check.sh): run.py runs the parts in their time boxes, part.py runs one in its own
+process, report.py writes what they found."""

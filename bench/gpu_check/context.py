@@ -1,5 +1,6 @@
 """What every part of the GPU check gets: the mode's sizes, the scratch folder, the ResNet-50 preset and the real
 Trainer; and what a part gives back: Passed (its figures and headline), or CheckFailed (with the figures it got)."""
+import json
 import os
 import threading
 from dataclasses import dataclass
@@ -49,8 +50,6 @@ class Sizes:
     """Loader part: batches before the clock starts (pipeline build, prefetch fill)."""
     loader_batches: int
     """Loader part: batches measured."""
-    hw_decoder_loads: tuple
-    """Loader part on a GPU: the hw_decoder_load values compared (the CPU decoder has no hardware share)."""
     train_warmup: int
     """Throughput parts: steps before the measured window (cuDNN autotuning, compile, prefetch fill)."""
     train_steps: int
@@ -70,21 +69,22 @@ class Sizes:
     compile_ddp_model: str
     """compile_ddp part: the model compiled with DDP, smaller than the preset's so that its compile fits the box."""
     resume_batch: int
-    """Resume part: batch."""
+    """Resume part: batch, on the demo set at the short crop."""
     resume_steps: int
-    """Resume part: steps of the straight run; the interrupted run stops at half and resumes."""
+    """Resume part: steps of the straight run, within the demo set's first epoch; the interrupted run stops at half
+    and resumes."""
     threads: int
     """DALI CPU threads (data.num_threads) and image generator processes."""
 
 
 GPU = Sizes(model="resnet50", batch=256, image_size=224, unique_images=1024, copies=11, loader_warmup=3,
-            loader_batches=30, hw_decoder_loads=(0.0, 0.65, 0.9), train_warmup=10, train_steps=30,
+            loader_batches=20, train_warmup=5, train_steps=20,
             short_image_size=64, short_batch=32, short_steps=30, short_lr=0.2,
             demo=DemoParams(seed=1, classes=4, train_per_class=256, val_per_class=8),
             step_steps=8, compile_ddp_model="resnet18",
-            resume_batch=64, resume_steps=8, threads=min(os.cpu_count() or 1, 16))
+            resume_batch=32, resume_steps=8, threads=min(os.cpu_count() or 1, 16))
 CPU_SMOKE = Sizes(model="resnet20", batch=8, image_size=32, unique_images=40, copies=2, loader_warmup=1,
-                  loader_batches=4, hw_decoder_loads=(), train_warmup=2, train_steps=4,
+                  loader_batches=4, train_warmup=2, train_steps=4,
                   short_image_size=32, short_batch=8, short_steps=10, short_lr=3.2,
                   demo=DemoParams(seed=1, classes=4, train_per_class=24, val_per_class=2),
                   step_steps=2, compile_ddp_model="resnet20",
@@ -132,10 +132,27 @@ class Context:
     """Scratch folder shared by the parts: the images, run directories."""
     progress_file: Optional[Path] = None
     """Where the part notes how far it got, for the runner to read if it has to kill it."""
+    partial_file: Optional[Path] = None
+    """Where the part keeps what it has measured so far, which the runner reports if it has to kill it."""
 
     def progress(self, phase: str) -> None:
         if self.progress_file is not None:
             self.progress_file.write_text(phase + "\n")
+
+    def record(self, **figures) -> None:
+        """Adds `figures` (a `headline` among them, if the part has one yet) to what the runner reports should the
+        part's box run out before it returns."""
+        if self.partial_file is None:
+            return
+        temp = self.partial_file.with_suffix(".tmp")
+        temp.write_text(json.dumps({**self.recorded(), **figures}, default=str))
+        os.replace(temp, self.partial_file)  # the runner never reads half a file
+
+    def recorded(self) -> dict:
+        """What `record` has kept so far."""
+        if self.partial_file is None or not self.partial_file.is_file():
+            return {}
+        return json.loads(self.partial_file.read_text())
 
     @property
     def sizes(self) -> Sizes:

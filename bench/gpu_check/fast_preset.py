@@ -49,9 +49,9 @@ def check_fast_preset(ctx: Context) -> Passed:
     rates = {}
     for side, run_side in measured.items():
         ctx.progress(f"{run_side} px")
-        rate = trainer_rate(ctx, "synthetic", False, f"data.image_size={run_side}", f"data.val_resize={run_side}",
-                            "model.blurpool=true", name=f"fast_preset_{run_side}px")
-        rates[side] = rate.figures["img_per_s"]
+        rates[side] = trainer_rate(ctx, "synthetic", False, f"data.image_size={run_side}",
+                                   f"data.val_resize={run_side}", "model.blurpool=true",
+                                   name=f"fast_preset_{run_side}px")["img_per_s"]
     minutes = {epochs: projected_minutes(plan, rates, preset.data.val_image_size, preset.train.eval_flip)
                for epochs, plan in plans.items()}
     headline = (", ".join(f"{measured[side]} px {rate:.0f} img/s" for side, rate in rates.items())

@@ -25,17 +25,20 @@ def main(argv=None) -> int:
     parser.add_argument("--result", required=True, type=Path, help="the part's JSON result goes here")
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    ctx = Context(args.mode, args.work, progress_file=args.result.with_suffix(".progress"),
+                  partial_file=args.result.with_suffix(".partial.json"))
     try:
         module, function = parts[args.part].check.split(":")
         check = getattr(importlib.import_module(module), function)
-        passed = check(Context(args.mode, args.work, progress_file=args.result.with_suffix(".progress")))
+        passed = check(ctx)
         result = {"status": "pass", "headline": passed.headline, **passed.figures}
     except CheckFailed as e:
-        result = {"status": "fail", "reason": str(e), **e.figures}
+        result = {**ctx.recorded(), "status": "fail", "reason": str(e), **e.figures}
     except Exception as e:  # noqa: BLE001 - any error is this part's failure, reported with its traceback in the log
         traceback.print_exc()
         last_line = (str(e).strip().splitlines() or [""])[-1]
-        result = {"status": "fail", "reason": f"{type(e).__name__}: {last_line}"}
+        # What it had measured stays: a compile that crashes leaves the eager figures.
+        result = {**ctx.recorded(), "status": "fail", "reason": f"{type(e).__name__}: {last_line}"}
     result["seconds"] = round(time.perf_counter() - start, 1)
     args.result.write_text(json.dumps(result, indent=1, default=str))
     return 0

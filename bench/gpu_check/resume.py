@@ -11,9 +11,12 @@ def check_resume(ctx: Context) -> Passed:
     s = ctx.sizes
     n = s.resume_steps
     # train.deterministic: cuDNN without autotuning and atomics, cuBLAS with a fixed workspace; without it a GPU
-    # run does not repeat itself bit for bit, resumed or not.
-    common = (f"data.root={ctx.images}", f"train.batch_size={s.resume_batch}", "train.deterministic=true",
-              "monitor.every_steps=1")
+    # run does not repeat itself bit for bit, resumed or not. The demo set at the short crop: its small JPEGs and
+    # few val images keep the three Trainers' pipelines, steps and final validations short; the decode is the
+    # same random-crop (ROI) decoder.
+    size = s.short_image_size
+    common = (f"data.root={ctx.demo}", f"data.image_size={size}", f"data.val_resize={size * 8 // 7}",
+              f"train.batch_size={s.resume_batch}", "train.deterministic=true", "monitor.every_steps=1")
     straight, _ = ctx.run_trainer("resume_straight", *common, f"train.max_steps={n}")
     split, _ = ctx.run_trainer("resume_world_size", *common, f"train.max_steps={n // 2}")
     _, resumed_at = ctx.run_trainer("resume_world_size", *common, f"train.max_steps={n}")
@@ -25,7 +28,7 @@ def check_resume(ctx: Context) -> Passed:
     loss_a, loss_b = ([r["loss"] for r in train_records(d)] for d in (straight, split))
     tensors = list(tree_tensors(a))
     off_cpu = [f"{path} on {t.device}" for path, t in tensors if t.device.type != "cpu"]
-    figures = {"model": s.model, "steps": n, "resumed_at": resumed_at, "batch": s.resume_batch,
+    figures = {"model": s.model, "steps": n, "resumed_at": resumed_at, "batch": s.resume_batch, "image_size": size,
                "device": str(ctx.device), "decoder": "mixed" if ctx.device.type == "cuda" else "cpu",
                "deterministic": True,
                "tensors_compared": sum(isinstance(t, torch.Tensor) for t in a["model"].values())

@@ -1,6 +1,6 @@
 """Parts fp16_skip, sync_free and compile_ddp: the trainer's step on the GPU. A non-finite fp16 step is skipped,
 counted and leaves the model as it was; steps that neither log nor check for a stop never make the host wait for
-the GPU; the trainer compiled with DDP trains."""
+the GPU, EMA included; the trainer compiled with DDP trains."""
 import math
 import traceback
 import warnings
@@ -18,10 +18,12 @@ from trainer import distributed
 from trainer.distributed import Dist
 from trainer.trainer import Trainer
 
-# What torch.cuda.set_sync_debug_mode("warn") says at every synchronizing CUDA call.
-SYNC_WARNING = "called a synchronizing CUDA operation"
+SYNC_MESSAGE = "called a synchronizing CUDA operation"
+"""What torch.cuda.set_sync_debug_mode warns ("warn") or raises ("error") at every synchronizing CUDA call."""
 NEVER = 10**9
 """monitor.every_steps and train.stop_check_every of the sync_free part: steps that neither log nor check."""
+EMA_DECAY = 0.9999
+"""optim.ema_decay of the sync_free part: the EMA's update is in the step it checks."""
 
 
 def _short(ctx: Context, name: str, *overrides: str):
@@ -88,64 +90,71 @@ def _where(stack: traceback.StackSummary) -> str:
 
 
 @contextmanager
-def host_syncs(device: torch.device):
-    """Yields a list that, after the block, holds where each host sync that torch's sync debug mode reported in
-    it happened. On the CPU nothing reports one."""
+def host_syncs(device: torch.device, mode: str):
+    """Yields a list that, after the block, holds where the block made the host wait for the device, as torch's
+    sync debug mode reports it: under "warn" every sync; under "error" the first, whose error ends the block (a
+    warning can be filtered away on its way, an error cannot). On the CPU nothing reports one."""
     found = []
     with warnings.catch_warnings():
         warnings.simplefilter("always")
 
         def record(message, category, filename, lineno, file=None, line=None):
-            if SYNC_WARNING in str(message):
+            if SYNC_MESSAGE in str(message):
                 found.append(_where(traceback.extract_stack()))
             else:
                 original(message, category, filename, lineno, file, line)
 
         original, warnings.showwarning = warnings.showwarning, record
         if device.type == "cuda":
-            torch.cuda.set_sync_debug_mode("warn")
+            torch.cuda.set_sync_debug_mode(mode)
         try:
             yield found
+        except RuntimeError as e:
+            if SYNC_MESSAGE not in str(e):
+                raise
+            found.append(_where(traceback.extract_tb(e.__traceback__)))
         finally:
             if device.type == "cuda":
                 torch.cuda.set_sync_debug_mode("default")
 
 
-def _summary(places: list) -> list:
-    return [f"{places.count(p)}x {p}" for p in dict.fromkeys(places)]
-
-
 def check_sync_free(ctx: Context) -> Passed:
-    """The DALI loader alone, then `train_one_epoch` over batches already on the GPU, each under torch's sync debug
-    mode, with logging and stop checks out of the way: zero host syncs in either."""
+    """The DALI loader alone, then `train_one_epoch` over batches already on the GPU, each under
+    torch.cuda.set_sync_debug_mode("error"), so that the first host sync raises: zero in either. The steps run
+    with the weights' EMA on (its update must not read a device scalar) and exclude the steps that log or check
+    for a stop, which sync by design."""
     s = ctx.sizes
     cfg = _short(ctx, "sync_free", f"data.root={ctx.images}", f"monitor.every_steps={NEVER}",
-                 f"train.stop_check_every={NEVER}")
+                 f"train.stop_check_every={NEVER}", f"optim.ema_decay={EMA_DECAY}")
     with Trainer(cfg, distributed.init(cfg.distributed)) as trainer:
         source = iter(trainer.train_loader)
         warmup = [next(source) for _ in range(s.step_steps)]  # the pipeline's build and first batches
-        with host_syncs(ctx.device) as loader_syncs:
-            checked = [next(source) for _ in range(s.step_steps)]
+        with host_syncs(ctx.device, "error") as loader_syncs:
+            for _ in range(s.step_steps):
+                next(source)
         # The trainer's own loop, fed batches already on the device: what remains is the step and its bookkeeping.
         trainer.train_loader = [(images.clone(), labels.clone()) for images, labels in warmup]
-        trainer.train_one_epoch()  # cuDNN's algorithm choice and the first allocations, unchecked
-        trainer.train_loader = [(images.clone(), labels.clone()) for images, labels in checked]
-        with host_syncs(ctx.device) as step_syncs:
+        trainer.train_one_epoch()  # cuDNN's algorithm choice, the first allocations and EMA's first copy, unchecked
+        window = range(trainer.step + 1, trainer.step + 1 + len(warmup))
+        syncing = [k for k in window if k % cfg.monitor.every_steps == 0 or k % cfg.train.stop_check_every == 0
+                   or k >= trainer.last_step]
+        if syncing:
+            raise CheckFailed(f"steps {syncing} of the checked window log, check for a stop or end the run")
+        trainer.train_loader = [(images.clone(), labels.clone()) for images, labels in warmup]
+        with host_syncs(ctx.device, "error") as step_syncs:
             trainer.train_one_epoch()
         steps = trainer.step
     figures = {"model": s.model, "precision": cfg.train.precision, "batch": s.short_batch,
-               "sync_debug_mode": "warn" if ctx.device.type == "cuda" else "n/a on the CPU",
-               "loader_batches_checked": len(checked), "train_steps_checked": len(checked), "steps": steps,
-               "ema": cfg.optim.ema_decay > 0, "loader_syncs": len(loader_syncs),
-               "loader_sync_places": _summary(loader_syncs), "step_syncs": len(step_syncs),
-               "step_sync_places": _summary(step_syncs)}
-    found = [f"the train steps synced {len(step_syncs)} times: {'; '.join(_summary(step_syncs))}"] if step_syncs \
-        else []
+               "sync_debug_mode": "error" if ctx.device.type == "cuda" else "n/a on the CPU",
+               "loader_batches_checked": s.step_steps, "train_steps_checked": len(window), "steps": steps,
+               "ema_decay": cfg.optim.ema_decay, "loader_sync": loader_syncs[:1], "step_sync": step_syncs[:1]}
+    found = [f"the train steps made the host wait for the GPU at {step_syncs[0]}"] if step_syncs else []
     if loader_syncs:
-        found.append(f"the DALI loader synced {len(loader_syncs)} times: {'; '.join(_summary(loader_syncs))}")
+        found.append(f"the DALI loader made the host wait for the GPU at {loader_syncs[0]}")
     if found:
         raise CheckFailed(" and ".join(found), **figures)
-    return Passed(f"0 host syncs in {len(checked)} loader batches and {len(checked)} train steps", figures)
+    return Passed(f"0 host syncs in {s.step_steps} loader batches and {len(window)} train steps with EMA "
+                  f"(sync debug mode: error)", figures)
 
 
 def check_compile_ddp(ctx: Context) -> Passed:
