@@ -2,7 +2,7 @@
 torchvision's and PyTorch's DDP tutorials, with nothing of this project in it.
 
 ImageFolder + RandomResizedCrop(size, scale=(min_scale, 1)) + flip + ImageNet mean/std (val: Resize(val_resize) +
-CenterCrop(size)), a DataLoader with one persistent worker per rank, DDP over gloo, torchvision's ResNet, nesterov
+CenterCrop(val_size)), a DataLoader with one persistent worker per rank, DDP over gloo, torchvision's ResNet, nesterov
 SGD with OneCycleLR, label smoothing; bf16 through torch.autocast when asked. Validates after every epoch; rank 0
 prints one JSON line per epoch (epoch, val_top1, train_s: cumulative training seconds without validation,
 img_per_s), then one for the run.
@@ -36,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.1, help="OneCycle's peak")
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="torchvision's ImageNet reference")
     parser.add_argument("--label-smoothing", type=float, default=0.1)
-    parser.add_argument("--size", type=int, default=128, help="side of the train and val crops")
+    parser.add_argument("--size", type=int, default=128, help="side of the train crop")
+    parser.add_argument("--val-size", type=int, help="side of the val centre crop (default: --size)")
     parser.add_argument("--val-resize", type=int, default=146, help="val: shorter side before the centre crop")
     parser.add_argument("--min-scale", type=float, default=0.35, help="RandomResizedCrop's least area (fast.ai's)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
@@ -66,7 +67,7 @@ def main(argv=None) -> None:
         transforms.RandomResizedCrop(args.size, scale=(args.min_scale, 1.0)), transforms.RandomHorizontalFlip(),
         *normalize]))
     val_set = datasets.ImageFolder(os.path.join(args.root, "val"), transforms.Compose([
-        transforms.Resize(args.val_resize), transforms.CenterCrop(args.size), *normalize]))
+        transforms.Resize(args.val_resize), transforms.CenterCrop(args.val_size or args.size), *normalize]))
     sampler = DistributedSampler(train_set, seed=args.seed, drop_last=True)
     train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, num_workers=1, drop_last=True,
                               persistent_workers=True)
