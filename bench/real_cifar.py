@@ -50,10 +50,10 @@ def run_logged(command: List[str], log: Path) -> dict:
     return result
 
 
-def run_service(root: Path, out: Path, nproc: int, epochs: int, overrides: List[str]) -> dict:
+def run_service(root: Path, out: Path, nproc: int, epochs: int, overrides: List[str], preset: str = PRESET) -> dict:
     run_dir = out / "service"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "trainer.main", "--config", PRESET, f"data.root={root}", f"train.epochs={epochs}",
+               "-m", "trainer.main", "--config", preset, f"data.root={root}", f"train.epochs={epochs}",
                f"run.dir={run_dir}", "monitor.wandb=false", "monitor.progress=false", *overrides]
     result = run_logged(command, out / "service.log")
     summary = re.search(r"train ([\d.]+) img/s", Path(result["log"]).read_text())

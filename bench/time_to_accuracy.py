@@ -55,13 +55,19 @@ def subset(root: Path, out: Path, per_class: int) -> Path:
 
 
 def per_epoch(run_dir: Path) -> List[dict]:
-    """[{epoch, top1, train_s}] at each val pass; train_s sums the step times logged up to it."""
-    rows, train_s, last_step = [], 0.0, 0
+    """[{epoch, top1, train_s}] at each val pass; train_s sums the step times logged up to it.
+
+    An epoch's last steps are logged only when monitor.every_steps divides the epoch: the ones after its last
+    train record count at that record's step time, so that the val pass that ends the epoch sees all of them."""
+    rows, train_s, last_step, step_time = [], 0.0, 0, 0.0
     for record in read_metrics(run_dir):
         if record["split"] == "train":
-            train_s += (record["step"] - last_step) * record["step_time_s"]
+            step_time = record["step_time_s"]
+            train_s += (record["step"] - last_step) * step_time
             last_step = record["step"]
         elif record["split"] == "val":
+            train_s += (record["step"] - last_step) * step_time
+            last_step = record["step"]
             rows.append({"epoch": record["epoch"], "top1": record["top1"], "train_s": train_s})
     return rows
 

@@ -7,7 +7,9 @@ import os
 import socket
 import subprocess
 import sys
+import tarfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,21 @@ def shared_dataset(name: str) -> Path:
         pytest.skip(f"{path} is absent: the real-image tests need ../shared/datasets/ beside the checkout "
                     "(CI has it), or SHARED_DATASETS=DIR")
     return path
+
+
+def extract_subset(archive: Path, out: Path, per_class: dict) -> Path:
+    """The first per_class[split] files of each class (by name) of an archive laid out as <top>/<split>/<class>/<file>,
+    extracted alone into `out`; returns out/<top>."""
+    with tarfile.open(archive) as tar:
+        by_folder = defaultdict(list)
+        for member in tar.getmembers():
+            parts = Path(member.name).parts
+            if member.isfile() and len(parts) == 4 and parts[1] in per_class:
+                by_folder[parts[0], parts[1], parts[2]].append(member)
+        chosen = [m for (_, split, _), members in sorted(by_folder.items())
+                  for m in sorted(members, key=lambda m: m.name)[:per_class[split]]]
+        tar.extractall(out, members=chosen, filter="data")
+    return out / chosen[0].name.split("/")[0]
 
 
 def code_colour(code: int):

@@ -1,13 +1,9 @@
 """The service learns real photographs: ResNet-20 on a real CIFAR-10 subset with the CPU preset's recipe
 (configs/resnet_cifar10_cpu.yaml: the paper's pad-and-crop augmentation, per-channel mean/std). Needs
 ../shared/datasets/cifar10-jpeg.tar (CI has it); skipped elsewhere."""
-import tarfile
-from collections import defaultdict
-from pathlib import Path
-
 import pytest
 
-from tests.helpers import ROOT, run_trainer, shared_dataset
+from tests.helpers import ROOT, extract_subset, run_trainer, shared_dataset
 from trainer.plot import read_metrics
 
 TRAIN_PER_CLASS, VAL_PER_CLASS = 200, 100
@@ -16,18 +12,8 @@ TRAIN_PER_CLASS, VAL_PER_CLASS = 200, 100
 @pytest.fixture(scope="module")
 def cifar10_subset(tmp_path_factory):
     """The first 200 train and 100 test images of each class (by name), extracted alone from the archive."""
-    root = tmp_path_factory.mktemp("cifar10_subset")
-    with tarfile.open(shared_dataset("cifar10-jpeg.tar")) as tar:
-        by_folder = defaultdict(list)
-        for member in tar.getmembers():
-            parts = Path(member.name).parts  # cifar10/<split>/<class>/<file>
-            if member.isfile() and len(parts) == 4:
-                by_folder[parts[1], parts[2]].append(member)
-        count = {"train": TRAIN_PER_CLASS, "val": VAL_PER_CLASS}
-        chosen = [m for (split, _), members in sorted(by_folder.items())
-                  for m in sorted(members, key=lambda m: m.name)[:count[split]]]
-        tar.extractall(root, members=chosen, filter="data")
-    return root / "cifar10"
+    return extract_subset(shared_dataset("cifar10-jpeg.tar"), tmp_path_factory.mktemp("cifar10_subset"),
+                          {"train": TRAIN_PER_CLASS, "val": VAL_PER_CLASS})
 
 
 @pytest.mark.slow
