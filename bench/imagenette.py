@@ -51,16 +51,18 @@ def dataset_root(root: Path, scratch: Path) -> Path:
 
 
 def plain_flags(cfg: Config, arch: Optional[str], lr: Optional[float]) -> List[str]:
-    """bench.plain_imagenette's flags for the task the service's resolved config trains: the net (torchvision's of
-    the same depth unless `arch`), crop sides, per-process batch and precision. Its augmentation, optimizer and
-    schedule stay its own."""
+    """bench.plain_imagenette's flags for the task the service's resolved config trains: the net (the same one
+    unless `arch`: depth, stem, shortcut, zero-init), crop sides, per-process batch and precision. Its
+    augmentation, optimizer and schedule stay its own."""
     arch = arch or cfg.model.name
     if arch not in ARCHS:
         raise UserInputError(f"the plain loop builds torchvision's {'/'.join(ARCHS)}; model.name={cfg.model.name} "
                              "has none of them: give --plain-arch, or --skip-plain")
     if cfg.train.precision not in ("fp32", "bf16"):
         raise UserInputError(f"the plain loop trains in fp32 or bf16, not train.precision={cfg.train.precision}")
-    flags = ["--arch", arch, "--size", str(cfg.data.image_size),
+    net = ([*(["--deep-stem"] if cfg.model.deep_stem else []), "--shortcut", cfg.model.shortcut or "B",
+            *(["--zero-init-residual"] if cfg.model.zero_init_residual else [])] if arch == cfg.model.name else [])
+    flags = ["--arch", arch, *net, "--size", str(cfg.data.image_size),
              "--val-size", str(cfg.data.val_image_size or cfg.data.image_size),
              "--val-resize", str(cfg.data.val_resize),
              "--batch-size", str(cfg.train.batch_size * cfg.train.grad_accum), "--precision", cfg.train.precision]

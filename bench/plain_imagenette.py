@@ -1,8 +1,10 @@
 """The plain loop that bench.imagenette measures the service against: Imagenette as a user writes it from
-torchvision's and PyTorch's DDP tutorials, with nothing of this project in it.
+torchvision's and PyTorch's DDP tutorials, with nothing of this project but the model (the service's net, so that
+the two differ only in how they train it, as bench.plain_cifar does).
 
 ImageFolder + RandomResizedCrop(size, scale=(min_scale, 1)) + flip + ImageNet mean/std (val: Resize(val_resize) +
-CenterCrop(val_size)), a DataLoader with one persistent worker per rank, DDP over gloo, torchvision's ResNet, nesterov
+CenterCrop(val_size)), a DataLoader with one persistent worker per rank, DDP over gloo, the ResNet (torchvision's with
+no options; --deep-stem and --shortcut D make it the Bag of Tricks' ResNet-C/D, timm's resnet50d), nesterov
 SGD with OneCycleLR, label smoothing; bf16 through torch.autocast when asked. Validates after every epoch; rank 0
 prints one JSON line per epoch (epoch, val_top1, train_s: cumulative training seconds without validation,
 img_per_s), then one for the run.
@@ -17,11 +19,12 @@ import time
 
 import torch
 import torch.distributed as dist
-import torchvision
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import datasets, transforms
+
+from trainer.models import build_model
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as torchvision's references use
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -30,7 +33,10 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.plain_imagenette", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, help="a folder with train/<class> and val/<class>")
-    parser.add_argument("--arch", choices=ARCHS, default="resnet50", help="torchvision's net, random weights")
+    parser.add_argument("--arch", choices=ARCHS, default="resnet50", help="the net, random weights")
+    parser.add_argument("--deep-stem", action="store_true", help="ResNet-C's stem (model.deep_stem)")
+    parser.add_argument("--shortcut", choices=("A", "B", "C", "D"), default="B", help="model.shortcut; D: ResNet-D's")
+    parser.add_argument("--zero-init-residual", action="store_true", help="each block's last BN scale starts at 0")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
     parser.add_argument("--lr", type=float, default=0.1, help="OneCycle's peak")
@@ -75,7 +81,8 @@ def main(argv=None) -> None:
     val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), 100, num_workers=1,
                             persistent_workers=True)
 
-    model = DistributedDataParallel(torchvision.models.get_model(args.arch, num_classes=len(train_set.classes)))
+    model = DistributedDataParallel(build_model(args.arch, len(train_set.classes), deep_stem=args.deep_stem,
+                                                shortcut=args.shortcut, zero_init_residual=args.zero_init_residual))
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.epochs * len(train_loader))

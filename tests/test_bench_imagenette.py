@@ -116,15 +116,15 @@ def test_per_epoch_counts_the_steps_after_an_epochs_last_train_record(tmp_path):
 
 
 def test_plain_flags_take_the_services_net_crops_batch_and_precision():
-    cfg = load_config(None, ["model.name=resnet18", "model.deep_stem=true", "data.image_size=128",
-                             "data.val_resize=146", "train.batch_size=16", "train.grad_accum=2",
-                             "train.precision=bf16"])
+    cfg = load_config(None, ["model.name=resnet18", "model.deep_stem=true", "model.shortcut=D",
+                             "model.zero_init_residual=true", "data.image_size=128", "data.val_resize=146",
+                             "train.batch_size=16", "train.grad_accum=2", "train.precision=bf16"])
     assert imagenette.plain_flags(cfg, None, None) == [
-        "--arch", "resnet18", "--size", "128", "--val-size", "128", "--val-resize", "146", "--batch-size", "32",
-        "--precision", "bf16"]
+        "--arch", "resnet18", "--deep-stem", "--shortcut", "D", "--zero-init-residual", "--size", "128",
+        "--val-size", "128", "--val-resize", "146", "--batch-size", "32", "--precision", "bf16"]
     cfg = load_config(None, ["data.image_size=128", "data.val_image_size=160", "data.val_resize=182",
                              "train.precision=fp32"])
-    flags = imagenette.plain_flags(cfg, "resnet34", 0.4)
+    flags = imagenette.plain_flags(cfg, "resnet34", 0.4)  # another net: torchvision's, without the options
     assert flags[:2] == ["--arch", "resnet34"] and flags[4:6] == ["--val-size", "160"]
     assert flags[-4:] == ["--precision", "fp32", "--lr", "0.4"]
 
