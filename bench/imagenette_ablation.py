@@ -28,37 +28,42 @@ from trainer.plot import read_metrics
 
 PRESET = "configs/imagenette_resnet50.yaml"
 
-# name -> (what it tests, overrides of the preset)
-VARIANTS: Dict[str, tuple] = {
-    "preset": ("the preset as it is", []),
-    "torchvision_net": ("no ResNet-C stem, shortcut B: torchvision's net",
-                        ["model.deep_stem=false", "model.shortcut=B"]),
-    "no_resnet_d": ("ResNet-C only: shortcut B", ["model.shortcut=B"]),
-    "no_zero_init": ("residual BN scales start at 1", ["model.zero_init_residual=false"]),
-    "crop_area_0.08": ("RandomResizedCrop down to 8% of the image (ImageNet's)", ["data.crop_area=[0.08,1.0]"]),
-    "no_label_smoothing": ("hard labels", ["train.label_smoothing=0"]),
-    "decay_bn_and_bias": ("weight decay on BN and biases too", ["optim.decay_bn_and_bias=true"]),
-    "sgd_onecycle": ("nesterov SGD, onecycle, lr from the sweep", ["optim.name=sgd", "optim.nesterov=true",
-                                                                   "optim.lr=2.0", "optim.weight_decay=5e-5",
-                                                                   "schedule.name=onecycle",
-                                                                   "schedule.warmup_epochs=0",
-                                                                   "schedule.peak_epoch=1.25"]),
-    "onecycle": ("onecycle instead of flat_cos", ["schedule.name=onecycle", "schedule.warmup_epochs=0",
-                                                  "schedule.peak_epoch=1.25"]),
-    "blurpool": ("model.blurpool on", ["model.blurpool=true"]),
-    "progressive_96_128": ("progressive resizing 96 -> 128 px", [
-        "data.resolution.min_res=96", "data.resolution.max_res=128", "data.resolution.step=32"]),
-    "mixup_0.2": ("mixup 0.2", ["train.mixup_alpha=0.2"]),
-    "cutmix_1.0": ("cutmix 1.0", ["train.cutmix_alpha=1.0"]),
-}
+
+def variants(size: int) -> Dict[str, tuple]:
+    """name -> (what it tests, overrides of the preset) at the proxy's train side `size`."""
+    low = size * 3 // 4 // 8 * 8  # the ramp from 3/4 of the side (96 of 128), on multiples of 8
+    return {
+        "preset": ("the preset as it is", []),
+        "torchvision_net": ("no ResNet-C stem, shortcut B: torchvision's net",
+                            ["model.deep_stem=false", "model.shortcut=B"]),
+        "no_resnet_d": ("ResNet-C only: shortcut B", ["model.shortcut=B"]),
+        "no_zero_init": ("residual BN scales start at 1", ["model.zero_init_residual=false"]),
+        "crop_area_0.08": ("RandomResizedCrop down to 8% of the image (ImageNet's)", ["data.crop_area=[0.08,1.0]"]),
+        "no_label_smoothing": ("hard labels", ["train.label_smoothing=0"]),
+        "decay_bn_and_bias": ("weight decay on BN and biases too", ["optim.decay_bn_and_bias=true"]),
+        "sgd_cosine": ("nesterov SGD, 0.2 at 64 images, 1 warmup epoch, cosine", [
+            "optim.name=sgd", "optim.nesterov=true", "optim.lr=0.8", "optim.weight_decay=5e-5",
+            "schedule.name=cosine", "schedule.warmup_epochs=1"]),
+        "onecycle": ("onecycle instead of flat_cos", ["schedule.name=onecycle", "schedule.warmup_epochs=0",
+                                                      "schedule.peak_epoch=1.25"]),
+        "blurpool": ("model.blurpool on", ["model.blurpool=true"]),
+        "progressive": (f"progressive resizing {low} -> {size} px", [
+            f"data.resolution.min_res={low}", f"data.resolution.max_res={size}", "data.resolution.step=8"]),
+        "mixup_0.2": ("mixup 0.2", ["train.mixup_alpha=0.2"]),
+        "cutmix_1.0": ("cutmix 1.0", ["train.cutmix_alpha=1.0"]),
+    }
+
+
+VARIANT_NAMES = tuple(variants(128))
 
 
 def proxy_overrides(model: str, size: int) -> List[str]:
     """The preset's net and sides shrunk together: the val resize keeps the preset's 146/128 ratio."""
-    return [f"model.name={model}", f"data.image_size={size}", f"data.val_resize={round(size * 146 / 128)}"]
+    return [f"model.name={model}", f"data.image_size={size}", f"data.val_image_size={size}",
+            f"data.val_resize={round(size * 146 / 128)}"]
 
 
-def report(results: Dict[str, dict], header: str) -> str:
+def report(results: Dict[str, dict], header: str, size: int = 128) -> str:
     lines = [header, f"{'variant':<20} {'val top-1 per epoch':<32} {'final':>6} {'EMA':>6} {'vs preset':>9} "
                      f"{'train s':>8}  what"]
     base = results.get("preset", {}).get("final")
@@ -67,7 +72,7 @@ def report(results: Dict[str, dict], header: str) -> str:
         delta = f"{r['final'] - base:+.1f}" if base is not None and name != "preset" else ""
         ema = f"{r['ema']:.1f}" if r.get("ema") is not None else "-"
         lines.append(f"{name:<20} {curve:<32} {r['final']:>6.1f} {ema:>6} {delta:>9} "
-                     f"{r['epochs'][-1]['train_s']:>8.0f}  {VARIANTS[name][0]}")
+                     f"{r['epochs'][-1]['train_s']:>8.0f}  {variants(size)[name][0]}")
     return "\n".join(lines)
 
 
@@ -81,7 +86,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--train-per-class", type=int, default=0, help="train images per class; 0 takes all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ema", type=float, default=0.999, help="optim.ema_decay of every run (0: none)")
-    parser.add_argument("--only", nargs="+", choices=tuple(VARIANTS), help="run these variants only")
+    parser.add_argument("--only", nargs="+", choices=VARIANT_NAMES, help="run these variants only")
     parser.add_argument("--out", type=Path, help="run directories and logs (default: a new temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="for every variant, after the proxy's")
@@ -91,7 +96,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def ablation_command(args: argparse.Namespace) -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="imagenette_ablation-"))
     out.mkdir(parents=True, exist_ok=True)
-    chosen = [name for name in VARIANTS if not args.only or name in args.only]
+    chosen = {name: v for name, v in variants(args.size).items() if not args.only or name in args.only}
     if taken := [name for name in chosen if (out / name).exists()]:
         raise UserInputError(f"--out {out} already holds runs {taken}: give a new folder (a rerun would resume them)")
     common = [*proxy_overrides(args.model, args.size), f"seed={args.seed}", f"optim.ema_decay={args.ema}",
@@ -109,15 +114,15 @@ def ablation_command(args: argparse.Namespace) -> int:
             run_dir = out / name
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                        "-m", "trainer.main", "--config", PRESET, f"data.root={root}", f"run.dir={run_dir}",
-                       *common, *VARIANTS[name][1]]
+                       *common, *chosen[name][1]]
             run_dir.mkdir()
             run = run_logged(command, out / f"{name}.log")
             rows = per_epoch(run_dir)
             ema = [r["top1"] for r in read_metrics(run_dir) if r["split"] == "val_ema"]
-            results[name] = {"overrides": VARIANTS[name][1], "epochs": rows, "final": rows[-1]["top1"],
+            results[name] = {"overrides": chosen[name][1], "epochs": rows, "final": rows[-1]["top1"],
                              "ema": ema[-1] if ema else None, "cpu_s": run["cpu_s"], "wall_s": run["wall_s"]}
             print(f"{name}: val top-1 {rows[-1]['top1']:.2f}%, {run['wall_s']:.0f} s", flush=True)
-    print(report(results, header))
+    print(report(results, header, args.size))
     if args.json:
         args.json.write_text(json.dumps({"header": header, "common": common, **results}, indent=2) + "\n")
     return 0

@@ -3,10 +3,11 @@ seconds read from a hand-built metrics.jsonl, the plain loop's flags from a reso
 folder. Nothing here trains."""
 import json
 import tarfile
+from pathlib import Path
 
 import pytest
 
-from bench import imagenette
+from bench import imagenette, imagenette_ablation
 from bench.time_to_accuracy import per_epoch
 from common.errors import DataError, UserInputError
 from trainer.config import load_config
@@ -174,3 +175,26 @@ def test_the_command_refuses_before_training(tmp_path, capsys):
     with pytest.raises(SystemExit):
         imagenette.main(args)
     assert "already holds runs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", imagenette_ablation.VARIANT_NAMES)
+def test_every_ablation_variant_is_a_valid_config_of_the_preset(variant):
+    overrides = [*imagenette_ablation.proxy_overrides("resnet18", 64), *imagenette_ablation.variants(64)[variant][1]]
+    cfg = load_config(Path(imagenette_ablation.PRESET), ["data.root=/tmp", *overrides])
+    assert (cfg.model.name, cfg.data.image_size, cfg.data.val_resize) == ("resnet18", 64, 73)
+
+
+def test_ablation_report_gives_each_variant_against_the_preset():
+    rows = [{"epoch": 1.0, "top1": 40.0, "train_s": 10.0}, {"epoch": 2.0, "top1": 60.0, "train_s": 20.0}]
+    results = {"preset": {"epochs": rows, "final": 60.0, "ema": 61.5},
+               "blurpool": {"epochs": rows[:1] + [{**rows[1], "top1": 58.5}], "final": 58.5, "ema": None}}
+    lines = imagenette_ablation.report(results, "header").splitlines()
+    assert lines[0] == "header"
+    assert lines[2].split()[:5] == ["preset", "40.0", "60.0", "60.0", "61.5"]
+    assert lines[3].split()[:6] == ["blurpool", "40.0", "58.5", "58.5", "-", "-1.5"]
+
+
+def test_ablation_refuses_a_root_without_the_imagenet_layout(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert imagenette_ablation.main(["--root", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 1
+    assert "holds no folder with train/ and val/" in capsys.readouterr().err
