@@ -41,11 +41,16 @@ def variants(size: int) -> Dict[str, tuple]:
         "crop_area_0.08": ("RandomResizedCrop down to 8% of the image (ImageNet's)", ["data.crop_area=[0.08,1.0]"]),
         "no_label_smoothing": ("hard labels", ["train.label_smoothing=0"]),
         "decay_bn_and_bias": ("weight decay on BN and biases too", ["optim.decay_bn_and_bias=true"]),
-        "sgd_cosine": ("nesterov SGD, 0.2 at 64 images, 1 warmup epoch, cosine", [
-            "optim.name=sgd", "optim.nesterov=true", "optim.lr=0.8", "optim.weight_decay=5e-5",
-            "schedule.name=cosine", "schedule.warmup_epochs=1"]),
-        "onecycle": ("onecycle instead of flat_cos", ["schedule.name=onecycle", "schedule.warmup_epochs=0",
-                                                      "schedule.peak_epoch=1.25"]),
+        "adamw_flat_cos": ("fast.ai's optimizer side: AdamW 1e-2 at 64, flat_cos", [
+            "optim.name=adamw", "optim.nesterov=false", "optim.lr=0.04", "optim.adam_beta2=0.99",
+            "optim.adam_eps=1e-6", "optim.weight_decay=0.01", "schedule.name=flat_cos",
+            "schedule.warmup_epochs=0.3", "schedule.decay_start=0.75"]),
+        "onecycle": ("onecycle (peak at 1/4 of the run) instead of warmup + cosine", [
+            "schedule.name=onecycle", "schedule.warmup_epochs=0", "schedule.peak_epoch=1.25"]),
+        "flat_cos": ("flat_cos (decay from 3/4 of the run) instead of cosine", [
+            "schedule.name=flat_cos", "schedule.decay_start=0.75"]),
+        "lr_x2": ("twice the lr", ["optim.lr=1.6"]),
+        "lr_half": ("half the lr", ["optim.lr=0.4"]),
         "blurpool": ("model.blurpool on", ["model.blurpool=true"]),
         "progressive": (f"progressive resizing {low} -> {size} px", [
             f"data.resolution.min_res={low}", f"data.resolution.max_res={size}", "data.resolution.step=8"]),
