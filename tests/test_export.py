@@ -16,7 +16,7 @@ from data.folder import list_split
 from tests.helpers import TINY, metrics, run_trainer
 from trainer.config import load_config, to_dict
 from trainer.export import IMAGENET_MEAN, IMAGENET_STD, fold_input, main, to_torchvision_input
-from trainer.models import build_model
+from trainer.models import build_model, model_options
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("safetensors")
@@ -136,7 +136,7 @@ def write_checkpoint(run_dir: Path, *overrides: str) -> Path:
     path = run_dir / "checkpoints" / "ckpt-000000007.pt"
     path.parent.mkdir(parents=True)
     torch.manual_seed(0)
-    model = build_model(cfg.model.name, 3, blurpool=cfg.model.blurpool)
+    model = build_model(cfg.model.name, 3, **model_options(cfg.model))
     with torch.no_grad():
         for m in model.modules():  # BN statistics other than the identity, so a wrong fold would show
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -194,12 +194,28 @@ def test_blurpool_net_exports_to_safetensors_under_its_own_keys_with_its_builder
     out = tmp_path / "blur.safetensors"
     assert main([str(blurpool_checkpoint), "--format", "safetensors", "--out", str(out)]) == 0
     record = json.loads(Path(f"{out}.json").read_text())
-    assert record["builder"].endswith("blurpool=True)")
+    assert "blurpool=True" in record["builder"]
     tensors = load_file(out)
     assert "layer2.0.conv1.conv.weight" in tensors and not any("blur" in k for k in tensors)
     model = build_model("resnet20", 3, blurpool=True)
     model.load_state_dict(tensors)  # strict: the builder the JSON names takes exactly these tensors
     assert record["fold"]["max_abs_logit_diff"] < 0.01 * record["fold"]["max_abs_logit"]
+
+
+def test_bag_of_tricks_net_exports_with_its_builder_and_is_refused_as_torchvision(tmp_path, capsys):
+    from safetensors.torch import load_file
+    checkpoint = write_checkpoint(tmp_path / "resnet18d", "model.name=resnet18", "model.deep_stem=true",
+                                  "model.shortcut=D", "data.image_size=64", "data.val_resize=72")
+    out = tmp_path / "r18d.safetensors"
+    assert main([str(checkpoint), "--format", "safetensors", "--out", str(out)]) == 0
+    record = json.loads(Path(f"{out}.json").read_text())
+    assert "shortcut='D'" in record["builder"] and "deep_stem=True" in record["builder"]
+    model = build_model("resnet18", 3, shortcut="D", deep_stem=True)
+    model.load_state_dict(load_file(out))  # strict: the builder the JSON names takes exactly these tensors
+    assert "conv1.6.weight" in load_file(out) and "layer2.0.downsample.1.weight" in load_file(out)
+    assert record["fold"]["max_abs_logit_diff"] < 0.01 * record["fold"]["max_abs_logit"]
+    assert main([str(checkpoint), "--format", "torchvision", "--out", str(tmp_path / "x.pth")]) == 2
+    assert "torchvision's resnet18 has shortcut B, this one D" in capsys.readouterr().err
 
 
 def test_blurpool_net_to_torchvision_is_refused(tmp_path, capsys):

@@ -41,22 +41,24 @@ def fold_input(weights: dict, preprocessing: dict) -> tuple:
     """Weights that compute on torchvision's input what `weights` computed on the trained input, and a record
     of what was folded.
 
-    conv1 has no bias and feeds bn1, so the scale goes into conv1's weights and the shift, which conv1 turns
-    into a constant per output channel, into bn1's running mean. That is exact wherever conv1's window lies
-    inside the image. At the border it is not: conv1 zero-pads its input, and a zero of torchvision's input is
-    255 m gray levels, not the trained net's zero (`mean`). The border ring thus sees padding that is
+    The first conv has no bias and feeds a BN (conv1 and bn1; with model.deep_stem, conv1.0 and conv1.1), so the
+    scale goes into the conv's weights and the shift, which the conv turns into a constant per output channel,
+    into the BN's running mean. That is exact wherever the conv's window lies inside the image. At the border it
+    is not: the conv zero-pads its input, and a zero of torchvision's input is 255 m gray levels, not the trained
+    net's zero (`mean`). The border ring thus sees padding that is
     255 m - mean gray levels off (-0.005, -0.5, -0.41 for the seed's means): far below the quantisation of
     the pixels themselves.
     """
     a, b = input_affine(preprocessing)
     if torch.allclose(a, torch.ones_like(a)) and torch.allclose(b, torch.zeros_like(b)):
         return weights, {"applied": False}
-    conv = weights["conv1.weight"].to(torch.float64)
+    conv_key, bn_key = ("conv1.0.weight", "conv1.1") if "conv1.0.weight" in weights else ("conv1.weight", "bn1")
+    conv = weights[conv_key].to(torch.float64)
     folded = dict(weights)
-    folded["conv1.weight"] = (conv * a.view(1, 3, 1, 1)).to(weights["conv1.weight"].dtype)
+    folded[conv_key] = (conv * a.view(1, 3, 1, 1)).to(weights[conv_key].dtype)
     constant = (conv * b.view(1, 3, 1, 1)).sum(dim=(1, 2, 3))
-    mean = weights["bn1.running_mean"]
-    folded["bn1.running_mean"] = (mean.to(torch.float64) - constant).to(mean.dtype)
+    mean = weights[f"{bn_key}.running_mean"]
+    folded[f"{bn_key}.running_mean"] = (mean.to(torch.float64) - constant).to(mean.dtype)
     std = torch.tensor(preprocessing["std"] or [1.0, 1.0, 1.0], dtype=torch.float64)
     return folded, {"applied": True, "scale": a.tolist(), "shift": b.tolist(),
                     "border_padding_error_gray_levels": (b * std).tolist()}
