@@ -52,6 +52,18 @@ def test_the_three_suggestions_read_different_features_of_the_curve():
     assert got == pytest.approx({"valley": -1.5, "steepest": -2.5, "min/10": -1}, abs=0.11)
 
 
+def blow_up_then_fall_back(x):
+    """single_valley until lr 1, a spike past it, then a steep fall back that is not a descent to read."""
+    if x <= 0:
+        return single_valley(x)
+    return 4.0 - 4.0 * (x - 0.5) if x > 0.5 else 1.3 + 5.4 * x
+
+
+def test_steepest_is_read_on_the_way_down_to_the_minimum_only():
+    lrs, losses = curve(blow_up_then_fall_back)
+    assert decades(suggest(lrs, losses, steps=len(lrs)))["steepest"] == pytest.approx(-1, abs=0.11)
+
+
 def test_the_first_tenth_and_the_last_five_points_are_not_read():
     lrs, losses = curve(single_valley)
     losses[3] = -100.0  # a minimum in the first tenth, as a fresh net's first steps can show
