@@ -1,4 +1,5 @@
-"""Part env: the GPU, driver, CUDA, cuDNN, NCCL, torch, torchvision and DALI versions."""
+"""Part env: the GPU, driver, CUDA, cuDNN, NCCL, torch, torchvision and DALI versions (DALI's: `not installed` where
+it is not)."""
 import os
 import platform
 import subprocess
@@ -17,13 +18,20 @@ def _driver_version() -> str:
         return "unknown (no nvidia-smi)"
 
 
+def _dali_version() -> str:
+    try:
+        import nvidia.dali
+    except ModuleNotFoundError:  # the device image's case: the runner skips the parts that need it
+        return "not installed"
+    return nvidia.dali.__version__
+
+
 def check_env(ctx: Context) -> Passed:
-    import nvidia.dali
     import torchvision
 
     env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
            "torch": torch.__version__, "torch_cuda": torch.version.cuda, "torchvision": torchvision.__version__,
-           "dali": nvidia.dali.__version__, "cuda_available": torch.cuda.is_available(),
+           "dali": _dali_version(), "cuda_available": torch.cuda.is_available(),
            "dali_threads": ctx.sizes.threads}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

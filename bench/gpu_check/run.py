@@ -36,9 +36,12 @@ ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 """The interpreter each part runs in."""
 # The Python distributions behind each import, for the message when one is missing (no network on GPU machines).
-REQUIRED = {"torch": "torch", "torchvision": "torchvision", "nvidia.dali": "nvidia-dali-cuda130",
-            "omegaconf": "omegaconf", "tqdm": "tqdm", "numpy": "numpy", "PIL": "pillow",
-            "yaml": "pyyaml"}
+# nvidia-dali is not among them: the parts that read through DALI are skipped without it (NEEDS).
+REQUIRED = {"torch": "torch", "torchvision": "torchvision", "omegaconf": "omegaconf", "tqdm": "tqdm",
+            "numpy": "numpy", "PIL": "pillow", "yaml": "pyyaml"}
+NEEDS = {"cuda": "no CUDA",
+         "dali": "nvidia-dali is not installed (the device image has no DALI and its 476 MB wheel cannot be carried)"}
+"""What a part may need beyond REQUIRED, and why a run without it skips the part."""
 
 @dataclass(frozen=True)
 class Part:
@@ -54,7 +57,8 @@ class Part:
     check: str
     """`module:function` that runs it: takes a bench.gpu_check.context.Context, returns Passed (figures and headline)
     or raises CheckFailed. Named, not imported: this module imports only the standard library."""
-    needs_cuda: bool = False
+    needs: tuple = ()
+    """Of NEEDS: a run without one of them skips the part (a --cpu-smoke run has no CUDA)."""
     needs_images: bool = False
     compiles: bool = False
     """Runs torch.compile, after what it measures eager; it runs after the parts that do not compile."""
@@ -91,26 +95,26 @@ PARTS = (
     # start 5 + 2 x (pipeline 3 + 3 warm-up batches 1 + 20 batches of 256 at >= 2,500 img/s 2) = 17
     Part("loader", 26, 17, "DALI train pipeline alone, images/s at hw_decoder_load 0 and at the preset's: whether "
          "the hardware decoder serves the random-crop decode", "bench.gpu_check.throughput:check_loader",
-         needs_images=True),
+         needs=("dali",), needs_images=True),
     # start 5 + Trainer 1.5 + pipeline 3 + tune 2 + 30 steps 0.75 + end (val pipeline 2, 32 images, checkpoint 1)
     Part("fp16", 24, 16, "fp16 + GradScaler run on the demo set: the loss must come down",
-         "bench.gpu_check.numerics:check_fp16", needs_cuda=True, needs_images=True, optional=True),
+         "bench.gpu_check.numerics:check_fp16", needs=("cuda", "dali"), needs_images=True, optional=True),
     Part("bf16", 24, 16, "bf16 run on the demo set: the loss must come down",
-         "bench.gpu_check.numerics:check_bf16", needs_images=True),
+         "bench.gpu_check.numerics:check_bf16", needs=("dali",), needs_images=True),
     # start 5 + Trainer 1.5 + tune 2 + 9 steps 0.25 + copies and comparison 0.5
     Part("fp16_skip", 15, 10, "an fp16 step on an inf batch: skipped, counted, the model bitwise as before",
-         "bench.gpu_check.step:check_fp16_skip", needs_cuda=True),
+         "bench.gpu_check.step:check_fp16_skip", needs=("cuda",)),
     # start 5 + Trainer 1.5 + pipeline 3 + 16 batches 0.5 + tune 2 + 16 steps with EMA 0.5 + slack 0.5
     Part("sync_free", 20, 13, "train steps with EMA that neither log nor check for a stop, under sync debug mode "
-         "\"error\": no host sync, loader and trainer", "bench.gpu_check.step:check_sync_free", needs_cuda=True,
+         "\"error\": no host sync, loader and trainer", "bench.gpu_check.step:check_sync_free", needs=("cuda", "dali"),
          needs_images=True),
     # start 5 + NCCL 2 + 2 models 1 + tune 4 + 2 x (3 + 1 + 10 steps at ~90 ms) 2.8 + layer check 0.5 + slack 0.7
     Part("syncbn", 24, 16, "what train.sync_bn costs a ResNet-50 step (its synchronizing path forced in a 1-rank "
          "NCCL group, DDP), against BN; its kernels against BatchNorm2d", "bench.gpu_check.syncbn:check_syncbn",
-         needs_cuda=True),
+         needs=("cuda",)),
     # start 5 + 3 Trainers x (1.5 + pipeline 3, 1.5, 1.5 + 4-8 steps 0.2 + end 3.1) + resume's load 1 + compare 1.5
     Part("resume", 42, 28, "N steps vs N/2 + resume + N/2, deterministic, compared bitwise; CPU tensors saved",
-         "bench.gpu_check.resume:check_resume", needs_images=True),
+         "bench.gpu_check.resume:check_resume", needs=("dali",), needs_images=True),
     # start 5 + 2 sides x (Trainer 1.5 + tune 3 + 25 steps at ~55 ms 1.4 + synthetic val 0.5 + checkpoint 1)
     Part("fast_preset", 30, 20, "Trainer images/s at each train side of configs/resnet50_imagenet_fast.yaml; its 16 "
          "and 32 epochs projected to 8 GPUs, beside FFCV's 8 x A100 minutes",
@@ -123,11 +127,12 @@ PARTS = (
     # eager: start 5 + Trainer 1.5 + pipeline 3 + tune 4 + 25 steps 2.1 + end 3.3 = 18.9;
     # compiled: Trainer 1.5 + pipeline 1.5 + compile 12 + 25 steps 1.75 + end 3.3 = 20
     Part("train_dali", 59, 39, "Trainer images/s on the DALI loader, eager, then under torch.compile (from Inductor's "
-         "cache)", "bench.gpu_check.throughput:check_train_dali", needs_images=True, compiles=True),
+         "cache)", "bench.gpu_check.throughput:check_train_dali", needs=("dali",), needs_images=True,
+         compiles=True),
     # start 5 + NCCL 2 + Trainer 1.5 + Inductor's first compile of ResNet-18 at 64 px, cut by DDPOptimizer, 35 +
     # 8 steps 0.3 + end 1
     Part("compile_ddp", 68, 45, "the trainer compiled with DDP (DDPOptimizer) on a 1-rank NCCL group, grad_accum 2",
-         "bench.gpu_check.step:check_compile_ddp", needs_cuda=True, compiles=True, optional=True),
+         "bench.gpu_check.step:check_compile_ddp", needs=("cuda",), compiles=True, optional=True),
 )
 BOX_MARGIN = 1.5
 """Every box is at least this many times its estimate."""
@@ -140,6 +145,7 @@ that a device call of 7 minutes has 40 s left to install the wheels it carries (
 assert all(p.box_s >= BOX_MARGIN * p.estimate_s for p in PARTS), f"every box must be {BOX_MARGIN} x its estimate"
 assert sum(p.box_s for p in PARTS if not p.optional) <= BUDGET_S, "the parts' time boxes must fit the budget"
 assert [p.compiles for p in PARTS] == sorted(p.compiles for p in PARTS), "the compiling parts come last"
+assert all(set(p.needs) <= set(NEEDS) for p in PARTS), "a part needs only what NEEDS names"
 MIN_START_S = 5.0
 """A part is not started with less than this left of the budget."""
 CPU_SMOKE_BOX_FACTOR = 4.0
@@ -164,6 +170,13 @@ def _importable(module: str) -> bool:
 
 def missing_modules() -> list:
     return [f"{module} ({dist})" for module, dist in REQUIRED.items() if not _importable(module)]
+
+
+def lacking(mode: str) -> list:
+    """The NEEDS this run cannot meet. Only whether DALI is installed is asked: one that is there but does not
+    import fails the parts that use it, with the traceback in the log."""
+    return [need for need, missing in (("cuda", mode == "cpu-smoke"), ("dali", not _importable("nvidia.dali")))
+            if missing]
 
 
 def _measured(partial_file: Path) -> dict:
@@ -248,7 +261,7 @@ def main(argv=None) -> int:
 
     started, start = time.strftime("%Y-%m-%d %H:%M:%S"), time.monotonic()
     deadline = start + args.budget_s
-    parts, missing = {}, missing_modules()
+    parts, missing, lacks = {}, missing_modules(), lacking(mode)
 
     def report(complete: bool) -> dict:
         counts = {s: sum(p["status"] == s for p in parts.values()) for s in STATUSES}
@@ -258,7 +271,7 @@ def main(argv=None) -> int:
                 "time_boxes_s": {p.name: p.box_s * box_factor for p in PARTS if p.name in chosen},
                 "estimates_s": {p.name: p.estimate_s for p in PARTS if p.name in chosen},
                 "left_out": [p.name for p in PARTS if p.name not in chosen],
-                "targets": targets(parts, mode), "missing_packages": missing}
+                "targets": targets(parts, mode), "missing_packages": missing, "lacks": lacks}
 
     previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -269,8 +282,8 @@ def main(argv=None) -> int:
                 left = deadline - time.monotonic()
                 if missing:
                     parts[part.name] = {"status": "fail", "reason": "missing Python packages: " + ", ".join(missing)}
-                elif part.needs_cuda and mode == "cpu-smoke":
-                    parts[part.name] = {"status": "skipped", "reason": "no CUDA"}
+                elif unmet := [need for need in part.needs if need in lacks]:
+                    parts[part.name] = {"status": "skipped", "reason": "; ".join(NEEDS[need] for need in unmet)}
                 elif parts.get("env", {}).get("status") == "fail":
                     parts[part.name] = {"status": "fail", "reason": "the environment check failed"}
                 elif part.needs_images and parts.get("images", {}).get("status") != "pass":
