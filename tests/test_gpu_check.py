@@ -133,6 +133,34 @@ def test_missing_packages_fail_every_part_and_name_what_to_install(tmp_path, mon
     assert "nvidia-missing-wheel" in report["parts"]["images"]["reason"]
 
 
+@pytest.mark.slow
+def test_without_dali_its_parts_are_skipped_and_the_torch_parts_still_run(tmp_path):
+    # The device image's case: no nvidia-dali at all. A package `nvidia` first on the path, without dali in it,
+    # hides the installed one as its absence would.
+    hide = tmp_path / "no_dali"
+    (hide / "nvidia").mkdir(parents=True)
+    (hide / "nvidia" / "__init__.py").write_text("")
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(hide), os.environ.get("PYTHONPATH", "")])}
+    probe = subprocess.run([sys.executable, "-c", "import nvidia.dali"], env=env, capture_output=True, text=True)
+    assert probe.returncode == 1 and "ModuleNotFoundError: No module named 'nvidia.dali'" in probe.stderr
+    dali_parts = ["loader", "bf16", "resume", "train_dali"]
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--cpu-smoke", "--parts",
+                             ",".join(["env", "fp16_skip", "train_synthetic", *dali_parts]), str(tmp_path / "out")],
+                            check=False, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert report["ok"] is True and report["lacks"] == ["cuda", "dali"] and report["missing_packages"] == []
+    assert {name: r["status"] for name, r in report["parts"].items()} == {
+        "env": "pass", "fp16_skip": "skipped", "train_synthetic": "pass", **{name: "skipped" for name in dali_parts}}
+    assert report["parts"]["env"]["dali"] == "not installed"
+    assert all(report["parts"][name]["reason"] == gpu_check.NEEDS["dali"] for name in dali_parts)
+    assert report["parts"]["fp16_skip"]["reason"] == "no CUDA"
+    assert "476 MB wheel cannot be carried" in result.stdout
+    # Skipped before they start: the log has only the parts that ran.
+    assert re.findall(r"===== (\w+):", (tmp_path / "out" / "gpu_check.log").read_text()) == ["env", "train_synthetic"]
+
+
 def test_every_box_is_half_again_its_estimate_and_a_gpu_run_fits_a_seven_minute_device_call():
     assert all(p.box_s >= 1.5 * p.estimate_s for p in gpu_check.PARTS)
     assert sum(p.box_s for p in gpu_check.PARTS if not p.optional) <= gpu_check.BUDGET_S
