@@ -10,7 +10,8 @@
 #   bench/gpu_check.sh --cpu-smoke OUT_DIR    the same code at tiny sizes on the CPU (CUDA parts skipped)
 #
 # Exits 1 if any part failed (parts cut by the budget or the cap are skipped, a compile cut by its box partial).
-# Needs the project's packages (torch, torchvision, nvidia-dali, omegaconf, tqdm) and no network: W&B is off.
+# Needs the project's packages (torch, torchvision, omegaconf, tqdm) and no network: W&B is off. Without nvidia-dali
+# the parts that read through DALI are skipped (the device image has none; its 476 MB wheel cannot be carried).
 # PYTHON picks the interpreter (default python3).
 set -euo pipefail
 
