@@ -15,8 +15,8 @@ reported, not enforced.
 
 `--cpu-smoke` runs the same code at tiny sizes on the CPU (DALI CPU, ResNet-20), the optional parts too; parts
 that need CUDA are skipped. Without nvidia-dali (the device image's case) the parts that read through DALI are
-skipped, not failed, and the rest run. This module only imports the standard library, so that a missing package is reported,
-not a traceback.
+skipped, not failed, and the rest run. This module only imports the standard library, so that a missing package is
+reported, not a traceback.
 """
 import argparse
 import importlib.util
